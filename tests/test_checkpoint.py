@@ -1,0 +1,122 @@
+"""Add-on checkpoints: round trip, base fingerprint, DDP prefixes, corrupt files."""
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+import rpl
+from rpl.checkpoint import fingerprint, load_addon, read_metadata
+from rpl.errors import RPLInputError
+from models_for_tests import ToySegmenter, randomize_bn
+
+
+def _model(seed=0, **kw):
+    torch.manual_seed(seed)
+    base = randomize_bn(ToySegmenter(), seed).eval()
+    return rpl.wrap(base, head="head", feature="stem", block={"width": 8, **kw})
+
+
+def test_round_trip_restores_outputs(tmp_path):
+    model = _model().eval()
+    for p in model.addon.parameters():
+        p.data.add_(0.01 * torch.randn_like(p))
+    path = rpl.save(tmp_path / "addon.safetensors", model, extra={"note": "test"})
+    meta = read_metadata(path)
+    assert meta["extra"] == {"note": "test"} and meta["wrap"]["head"] == "head"
+    assert meta["base_fingerprint"] == fingerprint(model.segmenter)
+
+    fresh_base = randomize_bn(ToySegmenter(), 0).eval()
+    fresh_base.load_state_dict(model.segmenter.state_dict())
+    loaded = rpl.load(path, fresh_base).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        a, b = model(x), loaded(x)
+    assert torch.equal(a.anomaly_logits, b.anomaly_logits)
+    assert torch.equal(a.logits, b.logits)
+    assert not list(tmp_path.glob(".*tmp*"))  # temp file renamed away
+
+
+def test_other_base_model_is_refused(tmp_path):
+    path = rpl.save(tmp_path / "a.safetensors", _model(seed=0))
+    other = randomize_bn(ToySegmenter(), 1)
+    with pytest.raises(RPLInputError, match="different base model"):
+        rpl.load(path, other)
+    rpl.load(path, other, check_base=False)  # explicit opt-out works
+
+
+def test_block_config_mismatch_and_corrupt_files(tmp_path):
+    model = _model()
+    path = rpl.save(tmp_path / "a.safetensors", model)
+    wider = _model(width=16)
+    with pytest.raises(RPLInputError, match="does not fit"):
+        load_addon(path, wider)
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file at all")
+    with pytest.raises(RPLInputError, match="bad.safetensors"):
+        read_metadata(bad)
+    with pytest.raises(RPLInputError, match="does not exist"):
+        read_metadata(tmp_path / "missing.safetensors")
+    plain = tmp_path / "plain.safetensors"
+    save_file({"x": torch.zeros(1)}, str(plain))
+    with pytest.raises(RPLInputError, match="format"):
+        read_metadata(plain)
+
+
+def test_module_prefixes_are_stripped(tmp_path):
+    model = _model()
+    path = rpl.save(tmp_path / "a.safetensors", model)
+    state = {f"module.{k}": v for k, v in load_file(str(path)).items()}
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as fh:
+        meta = fh.metadata()
+    prefixed = tmp_path / "prefixed.safetensors"
+    save_file(state, str(prefixed), metadata=meta)
+    other = _model(seed=0)
+    load_addon(prefixed, other)
+    for k, v in model.addon.state_dict().items():
+        assert torch.equal(v, other.addon.state_dict()[k])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_inside_ddp(tmp_path):
+    """Single-process gloo group: the add-on in DDP and the whole wrapper in DDP both train and save."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        model = _model()
+        expected_base = {k: v.clone() for k, v in model.segmenter.state_dict().items()}
+        model.addon = DDP(model.addon)
+        whole = DDP(_model())  # frozen parameters are ignored by DDP (requires_grad=False)
+        x = torch.randn(2, 3, 32, 32)
+        for m, params in ((model, model.trainable_parameters()), (whole, whole.parameters())):
+            opt = torch.optim.SGD(list(params), lr=0.1)
+            out = m(x)
+            out.anomaly_logits.square().mean().backward()
+            opt.step()
+        for k, v in expected_base.items():
+            assert torch.equal(v, model.segmenter.state_dict()[k])
+        path = rpl.save(tmp_path / "ddp.safetensors", model)
+        assert not any(k.startswith("module.") for k in load_file(str(path)))
+        plain = _model()
+        load_addon(path, plain)
+        with torch.no_grad():
+            assert torch.equal(plain.eval()(x).anomaly_logits, model.eval()(x).anomaly_logits)
+        # a whole-wrapper DDP state dict carries "module." prefixes everywhere
+        from rpl.checkpoint import strip_prefix
+
+        state = strip_prefix(whole.state_dict())
+        assert set(state) == set(whole.module.state_dict())
+    finally:
+        dist.destroy_process_group()
