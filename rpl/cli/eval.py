@@ -1,0 +1,476 @@
+"""``rpl-eval``: pixel-level anomaly metrics (AUROC, AP, FPR@95) of RPL and post-hoc baselines.
+
+Examples:
+  rpl-eval                                     # shipped SynthStreets add-on on the embedded test sets
+  rpl-eval --checkpoint work_dirs/rpl/best.safetensors --datasets fs-laf,road-anomaly --data-root /data
+  rpl-eval --model torchvision.models.segmentation:deeplabv3_resnet101 --weights seg.pth \\
+           --model-kwargs '{"weights": null, "weights_backbone": null, "num_classes": 19}' \\
+           --methods energy,msp,maxlogit,entropy,mcdropout --datasets fs-laf --data-root /data
+
+The segmenter comes from the checkpoint's metadata (written by rpl-train), or from --model/--weights
+(weights read with torch.load(weights_only=True) or safetensors). Method ``rpl`` needs a checkpoint;
+``energy``, ``msp``, ``maxlogit`` and ``entropy`` score the closed-set logits of the same forward
+pass (not blurred unless --smooth-baselines: only RPL blurs its own energy, as in the papers);
+``mcdropout`` averages the softmax entropy of --mc-samples passes with dropout on.
+Metrics are fractions in [0, 1] in JSON/CSV, percentages in the table and Markdown.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import rpl
+from rpl.cli.common import add_debug_flag, run_command
+from rpl.data.registry import dataset_names
+from rpl.errors import RPLInputError
+from rpl.evaluation import (EvalOptions, Evaluator, Preprocess, check_methods, open_datasets,
+                            sanitize)
+from rpl.models.loading import SegmenterSpec
+
+WEIGHTS_DIR = Path(rpl.__file__).resolve().parent.parent / "weights"
+DEFAULT_CHECKPOINT = WEIGHTS_DIR / "rpl_synthstreets.safetensors"
+DEFAULT_DATA_ROOT = Path("data/synthstreets")
+DEFAULT_DATASETS = ("synthstreets-anomaly", "synthstreets-rural", "synthstreets-obstacle", "cityscapes-val")
+WRAPPED_METHODS = ("rpl", "energy", "msp", "maxlogit", "entropy")
+BARE_METHODS = ("energy", "msp", "maxlogit", "entropy")
+WANDB_OVERLAYS = 2  # per dataset and method, when logging to wandb without --save-vis
+METRIC_KEYS = ("auroc", "ap", "fpr95")
+COMPONENT_KEYS = ("siou", "ppv", "mean_f1")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rpl-eval", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", help="RPL add-on (.safetensors from rpl-train); default: the shipped "
+                                        "weights/rpl_synthstreets.safetensors when --model is not given")
+    p.add_argument("--datasets", help="comma-separated dataset names, among: " + ", ".join(dataset_names()) +
+                                      " (default: the SynthStreets test sets and cityscapes-val under "
+                                      "data/synthstreets)")
+    p.add_argument("--data-root", help="folder holding the datasets (default data/synthstreets for the "
+                                       "embedded sets, generated there when missing)")
+    p.add_argument("--methods", help="comma-separated: rpl, energy, msp, maxlogit, entropy, mcdropout (default: "
+                                     "rpl,energy,msp,maxlogit,entropy with a checkpoint, else the four baselines)")
+    out = p.add_argument_group("outputs")
+    out.add_argument("--json", help="write the results as JSON (metrics as fractions)")
+    out.add_argument("--csv", help="write the results table as CSV (fractions)")
+    out.add_argument("--markdown", help="write the results table as Markdown (percentages)")
+    out.add_argument("--save-vis", metavar="DIR", help="write heat-map overlays DIR/<dataset>/<method>/<image>.png, "
+                                                       "one per method and image (image/2 + score colours/2 inside "
+                                                       "the ROI, ground truth outlined)")
+    out.add_argument("--vis-limit", type=int, default=20, help="overlays per dataset (default 20)")
+    out.add_argument("--wandb", choices=("disabled", "offline", "online"), default="disabled",
+                     help="log the table and a few overlays to Weights & Biases (default disabled)")
+    out.add_argument("--wandb-project", default="rpl")
+    out.add_argument("--quiet", action="store_true", help="no progress bar")
+    model = p.add_argument_group("segmenter (instead of, or on top of, the checkpoint's)")
+    model.add_argument("--model", help="segmenter factory package.module:factory")
+    model.add_argument("--weights", help="segmenter weights (.safetensors or .pth state dict)")
+    model.add_argument("--model-kwargs", help="JSON object of keyword arguments for the factory")
+    model.add_argument("--head", help="frozen head block the add-on perturbs (overrides the checkpoint's)")
+    model.add_argument("--feature", help="module the add-on reads (overrides the checkpoint's)")
+    pre = p.add_argument_group("preprocessing (recorded in the JSON)")
+    pre.add_argument("--mean", help="r,g,b mean after /255 (default: the checkpoint's, else ImageNet)")
+    pre.add_argument("--std", help="r,g,b std after /255 (default: the checkpoint's, else ImageNet)")
+    pre.add_argument("--no-normalize", action="store_true", help="feed images in [0, 1] without mean/std")
+    pre.add_argument("--resize", metavar="HxW", help="resize inputs to HxW; scores go back to the label size")
+    met = p.add_argument_group("metrics")
+    met.add_argument("--pixel-mode", choices=("exact", "streaming", "smiyc"), default="streaming",
+                     help="streaming (default, bounded memory), exact (equals scikit-learn), smiyc (SMIYC evaluator)")
+    met.add_argument("--fpr-rule", choices=("first", "closest"), default="first",
+                     help="FPR@95 at the first threshold with TPR >= 0.95 (official) or the closest (RPL/PEBAL code)")
+    met.add_argument("--components", action="store_true", help="also SMIYC sIoU, PPV and mean F1")
+    met.add_argument("--smooth-baselines", action="store_true",
+                     help="blur the post-hoc scores like RPL's energy (kernel 7, sigma 1)")
+    met.add_argument("--mc-samples", type=int, default=8, help="stochastic passes of mcdropout (default 8)")
+    met.add_argument("--seed", type=int, default=0, help="seed of the mcdropout passes")
+    run = p.add_argument_group("running")
+    run.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    run.add_argument("--amp", action="store_true", help="mixed precision forward (bf16, fp16 on older GPUs)")
+    run.add_argument("--batch-size", type=int, default=1)
+    run.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1))
+    run.add_argument("--limit", type=int, help="evaluate only the first N images of each dataset")
+    add_debug_flag(p)
+    return p
+
+
+# -- option parsing ----------------------------------------------------------------------------
+def _names(value: str, option: str) -> list[str]:
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    if not names:
+        raise RPLInputError(f"{option} {value!r} names nothing; expected a comma-separated list.")
+    return names
+
+
+def _triple(value: str, option: str) -> tuple[float, float, float]:
+    try:
+        parts = tuple(float(v) for v in value.split(","))
+    except ValueError:
+        parts = ()
+    if len(parts) != 3:
+        raise RPLInputError(f"{option} {value!r} is not three comma-separated numbers r,g,b (for example "
+                            "0.485,0.456,0.406).")
+    return parts  # type: ignore[return-value]
+
+
+def _size(value: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in value.lower().split("x"))
+    except ValueError:
+        raise RPLInputError(f"--resize {value!r} is not HxW (for example 512x1024).") from None
+    if h <= 0 or w <= 0:
+        raise RPLInputError(f"--resize {value!r}: both sizes must be positive.")
+    return h, w
+
+
+def _device(value: str | None):
+    import torch
+
+    if value is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if value not in ("cpu", "cuda") and not value.startswith("cuda:"):
+        raise RPLInputError(f"--device {value!r}: expected cpu or cuda (or cuda:N).")
+    if value.startswith("cuda") and not torch.cuda.is_available():
+        raise RPLInputError(f"--device {value}: CUDA is not available on this machine; use --device cpu.")
+    return torch.device(value)
+
+
+def _output_path(value: str | None, option: str) -> Path | None:
+    if value is None:
+        return None
+    path = Path(value)
+    if path.is_dir():
+        raise RPLInputError(f"{option} {path} is a folder; expected a file name to write.")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write to a temporary name next to ``path`` and rename: an interrupted run leaves the old file intact."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+# -- the model ---------------------------------------------------------------------------------
+@dataclass
+class Source:
+    """Where the evaluated model comes from."""
+
+    checkpoint: Path | None
+    spec: SegmenterSpec
+    base_dir: Path | None  # relative weight paths in a checkpoint's spec are relative to its folder
+
+
+def resolve_source(args: argparse.Namespace) -> Source:
+    """The checkpoint and segmenter spec the options describe; cheap, so it runs before any data is read.
+
+    The segmenter is the checkpoint's recorded one unless ``--model`` names another; ``--weights``
+    alone replaces the recorded weights file (e.g. after moving it).
+    """
+    from rpl.checkpoint import read_metadata
+
+    if args.model is None and args.model_kwargs is not None:
+        raise RPLInputError("--model-kwargs are the arguments of --model's factory; pass --model "
+                            "package.module:factory as well (or leave both out to use the checkpoint's segmenter).")
+    checkpoint = Path(args.checkpoint) if args.checkpoint else None
+    if checkpoint is None and args.model is None:
+        checkpoint = DEFAULT_CHECKPOINT
+        if not checkpoint.is_file():
+            raise RPLInputError(
+                f"no --checkpoint or --model given, and the shipped add-on {checkpoint} does not exist. Create it by "
+                "training the embedded default (rpl-train, then copy WORK_DIR/best.safetensors to that path), or "
+                "pass --checkpoint FILE (an add-on from rpl-train) or --model package.module:factory --weights FILE "
+                "to evaluate post-hoc baselines of your own segmenter.")
+    if checkpoint is None and (args.head or args.feature):
+        raise RPLInputError("--head/--feature say where an RPL add-on attaches to the segmenter; they need "
+                            "--checkpoint FILE (without a checkpoint only post-hoc methods run, which need no names).")
+    meta = read_metadata(checkpoint) if checkpoint is not None else None
+    recorded = (meta or {}).get("extra", {}).get("segmenter")
+    if args.model is not None:
+        try:
+            kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
+        except json.JSONDecodeError as err:
+            raise RPLInputError(f"--model-kwargs {args.model_kwargs!r} is not valid JSON ({err}); expected an object "
+                                "such as '{\"num_classes\": 19}'.") from None
+        if not isinstance(kwargs, dict):
+            raise RPLInputError(f"--model-kwargs must be a JSON object, got {type(kwargs).__name__}.")
+        spec = SegmenterSpec(model=args.model, kwargs=kwargs, weights=args.weights)
+        if recorded:  # the add-on was trained with this normalisation
+            spec.mean, spec.std = recorded.get("mean", spec.mean), recorded.get("std", spec.std)
+        return Source(checkpoint, spec, None)
+    if not recorded:
+        raise RPLInputError(f"checkpoint {checkpoint} records no segmenter (its metadata has no 'segmenter' entry); "
+                            "pass --model package.module:factory and --weights FILE for the frozen segmenter it was "
+                            "trained on.")
+    spec = SegmenterSpec.from_dict(recorded)
+    if args.weights is not None:
+        spec.weights = args.weights
+        return Source(checkpoint, spec, None)
+    return Source(checkpoint, spec, checkpoint.parent)
+
+
+def build_model(source: Source, args: argparse.Namespace, device) -> Any:
+    """The segmenter of ``source`` on ``device``, wrapped with the checkpoint's add-on when there is one."""
+    from rpl.models.loading import build_segmenter
+
+    segmenter = build_segmenter(source.spec, base_dir=source.base_dir).to(device)
+    if source.checkpoint is None:
+        return segmenter
+    overrides = {k: v for k, v in (("head", args.head), ("feature", args.feature)) if v}
+    try:
+        return rpl.load(source.checkpoint, segmenter, **overrides)
+    except RPLInputError as err:
+        if str(source.checkpoint) in str(err):
+            raise
+        raise RPLInputError(f"checkpoint {source.checkpoint} does not fit the segmenter "
+                            f"{source.spec.model}: {err}") from None
+
+
+def resolve_preprocess(source: Source, args: argparse.Namespace) -> Preprocess:
+    if args.no_normalize and (args.mean or args.std):
+        raise RPLInputError("--no-normalize cannot be combined with --mean/--std.")
+    if bool(args.mean) != bool(args.std):
+        raise RPLInputError("--mean and --std go together: give both (or neither to use the checkpoint's, "
+                            "else ImageNet's).")
+    if args.no_normalize:
+        mean = std = None
+    elif args.mean:
+        mean, std = _triple(args.mean, "--mean"), _triple(args.std, "--std")
+    else:
+        mean, std = source.spec.mean, source.spec.std
+    return Preprocess(mean=tuple(mean) if mean else None, std=tuple(std) if std else None,
+                      resize=_size(args.resize) if args.resize else None)
+
+
+# -- datasets ----------------------------------------------------------------------------------
+def resolve_datasets(args: argparse.Namespace) -> tuple[list[str], Path | None]:
+    from rpl.data.registry import dataset_info
+
+    names = _names(args.datasets, "--datasets") if args.datasets else list(DEFAULT_DATASETS)
+    for name in names:
+        try:
+            dataset_info(name)
+        except RPLInputError as err:
+            raise RPLInputError(f"--datasets: {err}") from None
+    names = list(dict.fromkeys(names))
+    if args.data_root is not None:
+        return names, Path(args.data_root)
+    if all(n in DEFAULT_DATASETS for n in names):
+        ensure_synthstreets(DEFAULT_DATA_ROOT, names)
+        return names, DEFAULT_DATA_ROOT
+    return names, None  # the registry's error names --data-root
+
+
+def ensure_synthstreets(root: Path, names: Sequence[str]) -> None:
+    """Generate the embedded SynthStreets world into ``root`` unless a finished generation is there."""
+    from rpl.data.registry import dataset_info
+
+    try:
+        from rpl.data.synthstreets import generate, read_manifest
+    except ImportError as err:
+        raise RPLInputError(f"the SynthStreets generator cannot be imported ({err}), so the embedded test sets "
+                            f"under {root} cannot be checked or created; pass --data-root DIR with the "
+                            "datasets.") from None
+    if read_manifest(root) is not None and all((root / dataset_info(n).folder).is_dir() for n in names):
+        return
+    print(f"rpl-eval: generating the SynthStreets data sets into {root} (once)...", file=sys.stderr)
+    generate(root, seed=0)
+
+
+# -- reporting ---------------------------------------------------------------------------------
+def _pct(value: Any) -> str:
+    return "n/a" if value is None else f"{100.0 * value:.2f}"
+
+
+def table_columns(results: list[dict[str, Any]], components: bool) -> list[tuple[str, str]]:
+    cols = [("AUROC", "auroc"), ("AP", "ap"), ("FPR95", "fpr95")]
+    if components:
+        cols += [("sIoU", "siou"), ("PPV", "ppv"), ("mean F1", "mean_f1")]
+    if any("miou" in r for r in results):
+        cols.append(("mIoU", "miou"))
+    return cols
+
+
+def _cell(row: dict[str, Any], key: str) -> str:
+    if key not in row or (row.get("method") == "closed-set" and key != "miou"):
+        return "-"
+    return _pct(row[key])
+
+
+def print_table(results: list[dict[str, Any]], components: bool, caption: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="rpl-eval (metrics in %)", caption=caption)
+    table.add_column("dataset")
+    table.add_column("method")
+    cols = table_columns(results, components)
+    for title, _ in cols:
+        table.add_column(title, justify="right")
+    for row in results:
+        table.add_row(row["dataset"], row["method"], *(_cell(row, key) for _, key in cols))
+    console = Console()
+    if not console.is_terminal:  # piped or captured: do not squeeze the table into 80 columns
+        console = Console(width=200)
+    console.print(table)
+
+
+def to_markdown(results: list[dict[str, Any]], components: bool, caption: str) -> str:
+    cols = table_columns(results, components)
+    lines = ["| dataset | method | " + " | ".join(t for t, _ in cols) + " |",
+             "|---|---|" + "---:|" * len(cols)]
+    for row in results:
+        lines.append(f"| {row['dataset']} | {row['method']} | " + " | ".join(_cell(row, k) for _, k in cols) + " |")
+    return "\n".join(lines) + f"\n\nMetrics in %. {caption}\n"
+
+
+def to_csv(results: list[dict[str, Any]]) -> str:
+    fields = ["dataset", "method", *METRIC_KEYS, *COMPONENT_KEYS, "miou", "n_images", "n_empty_images",
+              "n_pixels", "n_anomaly"]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in results:
+        writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in fields})
+    return buf.getvalue()
+
+
+class VisualSink:
+    """Writes overlays as PNG (with --save-vis) and keeps a few for wandb."""
+
+    def __init__(self, folder: Path | None, keep: int):
+        self.folder, self.keep = folder, keep
+        self.kept: list[tuple[str, str, str, Any]] = []
+        self.written = 0
+
+    def __call__(self, dataset: str, method: str, name: str, rgb) -> None:
+        from rpl.data.io import write_image
+        from rpl.visualize import file_stem
+
+        if self.folder is not None:
+            write_image(self.folder / dataset / method / f"{file_stem(name)}.png", rgb)
+            self.written += 1
+        if sum(1 for d, m, _, _ in self.kept if (d, m) == (dataset, method)) < self.keep:
+            self.kept.append((dataset, method, name, rgb))
+
+
+def init_wandb(args: argparse.Namespace, config: dict[str, Any]) -> Any:
+    if args.wandb == "disabled":
+        return None
+    try:
+        import wandb
+    except ImportError:
+        raise RPLInputError(f"--wandb {args.wandb} needs the wandb package (pip install wandb); use --wandb disabled "
+                            "(the default) to evaluate without it.") from None
+    return wandb.init(project=args.wandb_project, mode=args.wandb, job_type="eval", config=config)
+
+
+def log_wandb(run: Any, results: list[dict[str, Any]], visuals: list[tuple[str, str, str, Any]]) -> None:
+    import wandb
+
+    columns = ["dataset", "method", *METRIC_KEYS, *COMPONENT_KEYS, "miou"]
+    payload: dict[str, Any] = {"results": wandb.Table(columns=columns,
+                                                      data=[[r.get(c) for c in columns] for r in results])}
+    for r in results:
+        for key in columns[2:]:
+            if r.get(key) is not None:
+                payload[f"{r['dataset']}/{r['method']}/{key}"] = r[key]
+    if visuals:
+        payload["overlays"] = [wandb.Image(rgb, caption=f"{d} / {m} / {n}") for d, m, n, rgb in visuals]
+    run.log(payload)
+    run.finish()
+
+
+# -- the command -------------------------------------------------------------------------------
+def _run(args: argparse.Namespace) -> int:
+    device = _device(args.device)
+    source = resolve_source(args)
+    wrapped = source.checkpoint is not None
+    methods = check_methods(_names(args.methods, "--methods") if args.methods else
+                            (WRAPPED_METHODS if wrapped else BARE_METHODS), wrapped)
+    options = EvalOptions(methods=methods, pixel_mode=args.pixel_mode, fpr_rule=args.fpr_rule,
+                          components=args.components, smooth_baselines=args.smooth_baselines,
+                          mc_samples=args.mc_samples, amp=args.amp, batch_size=args.batch_size,
+                          num_workers=args.num_workers, limit=args.limit, seed=args.seed, progress=not args.quiet,
+                          vis_limit=args.vis_limit if args.save_vis else WANDB_OVERLAYS)
+    options.check()
+    preprocess = resolve_preprocess(source, args)
+    outputs = {k: _output_path(getattr(args, k), f"--{k}") for k in ("json", "csv", "markdown")}
+    vis_dir = Path(args.save_vis) if args.save_vis else None
+    if vis_dir is not None:
+        if vis_dir.exists() and not vis_dir.is_dir():
+            raise RPLInputError(f"--save-vis {vis_dir} is a file; expected a folder for the overlays.")
+        vis_dir.mkdir(parents=True, exist_ok=True)
+
+    names, data_root = resolve_datasets(args)
+    entries = open_datasets(names, data_root)  # layouts checked before the model loads
+    model = build_model(source, args, device)
+    document: dict[str, Any] = {
+        "checkpoint": str(source.checkpoint) if source.checkpoint else None,
+        "segmenter": source.spec.to_dict(),
+        "segmenter_class": type(getattr(model, "segmenter", model)).__name__,
+        "methods": list(methods),
+        "preprocess": preprocess.to_dict(),
+        "pixel_mode": args.pixel_mode,
+        "fpr_rule": args.fpr_rule,
+        "components": args.components,
+        "smooth_baselines": args.smooth_baselines,
+        "mc_samples": args.mc_samples if "mcdropout" in methods else None,
+        "data_root": str(data_root) if data_root else None,
+        "limit": args.limit,
+        "device": str(device),
+        "amp": args.amp,
+        "rpl_version": rpl.__version__,
+    }
+    run = init_wandb(args, sanitize(document))
+    try:
+        return _evaluate_and_report(args, model, options, preprocess, entries, document, outputs, vis_dir, run)
+    except BaseException:
+        if run is not None:
+            run.finish(exit_code=1)
+        raise
+
+
+def _evaluate_and_report(args: argparse.Namespace, model: Any, options: EvalOptions, preprocess: Preprocess,
+                         entries: list, document: dict[str, Any], outputs: dict[str, Path | None],
+                         vis_dir: Path | None, run: Any) -> int:
+    sink = VisualSink(vis_dir, WANDB_OVERLAYS if run is not None else 0) if (vis_dir or run is not None) else None
+    report = Evaluator(model, options, preprocess, document["device"], on_visual=sink).run(entries)
+    if not report.defined():
+        raise RPLInputError("no dataset gave a defined metric, so nothing was written. " + " ".join(report.notes))
+    for note in report.notes:
+        print(f"rpl-eval: warning: {note}", file=sys.stderr)
+
+    document = sanitize({"results": report.results, **document, "datasets": report.datasets, "notes": report.notes})
+    caption = f"pixel mode {args.pixel_mode}, FPR@95 rule {args.fpr_rule}"
+    if outputs["json"]:
+        write_atomic(outputs["json"], json.dumps(document, indent=2, allow_nan=False) + "\n")
+    if outputs["csv"]:
+        write_atomic(outputs["csv"], to_csv(document["results"]))
+    if outputs["markdown"]:
+        write_atomic(outputs["markdown"], to_markdown(document["results"], args.components, caption))
+    print_table(document["results"], args.components, caption)
+    written = [str(p) for p in outputs.values() if p] + ([f"{sink.written} overlays in {vis_dir}"] if vis_dir else [])
+    if written:
+        print("Wrote " + ", ".join(written), file=sys.stderr)
+    if run is not None:
+        log_wandb(run, document["results"], sink.kept if sink else [])
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_command(_run, build_parser(), argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
