@@ -272,3 +272,12 @@ def test_bad_inputs_name_the_files(tmp_path: Path) -> None:
     write_label(bad_mask, np.ones((20, 26), np.uint8))
     with pytest.raises(RPLInputError, match="bad_mask.png"):
         OutlierExposureDataset(inliers, [(ood[0][0], bad_mask)], crop_size=CROP)[0]
+
+
+def test_paste_prob_zero_never_pastes(tmp_path: Path) -> None:
+    inliers, ood = make_pairs(tmp_path, 4, 3)
+    ds = OutlierExposureDataset(inliers, ood, crop_size=CROP, paste_prob=0.0)
+    assert all((ds[i]["target"] != 254).all() for i in range(len(ds)))
+    assert all((ds[i]["context_target"] == 254).any() for i in range(len(ds)))  # context view unchanged
+    with pytest.raises(RPLInputError, match="paste probability"):
+        OutlierExposureDataset(inliers, ood, crop_size=CROP, paste_prob=1.5)

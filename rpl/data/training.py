@@ -62,7 +62,7 @@ class OutlierExposureDataset(Dataset):
     def __init__(self, inlier_pairs: Sequence[PathPair], ood_pairs: Sequence[PathPair],
                  crop_size: int | Sequence[int], flip_p: float = 0.5, seed: int = 0,
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
-                 num_classes: int = 19, scales: Sequence[float] = PASTE_SCALES) -> None:
+                 num_classes: int = 19, scales: Sequence[float] = PASTE_SCALES, paste_prob: float = 1.0) -> None:
         self.inlier_pairs = [(Path(i), Path(l)) for i, l in inlier_pairs]
         self.ood_pairs = [(Path(i), Path(m)) for i, m in ood_pairs]
         if not self.inlier_pairs:
@@ -83,6 +83,9 @@ class OutlierExposureDataset(Dataset):
             raise RPLInputError(
                 f"num_classes {num_classes} is invalid; expected 1..{OOD_LABEL} (254 and 255 are reserved)."
             )
+        if not 0.0 <= paste_prob <= 1.0:
+            raise RPLInputError(f"paste probability {paste_prob} is invalid; expected a value in [0, 1].")
+        self.paste_prob = float(paste_prob)
         if not scales or any(s <= 0 for s in scales):
             raise RPLInputError(f"paste scales {tuple(scales)} are invalid; expected positive factors.")
         self.flip_p, self.seed, self.num_classes = float(flip_p), int(seed), int(num_classes)
@@ -156,7 +159,8 @@ class OutlierExposureDataset(Dataset):
         image, label = random_crop(image, label, self.crop_size, rng, image_pad=0, label_pad=VOID_LABEL)
         image, label = hflip(image, label, rng, self.flip_p)
         ood_image, ood_mask = self._read_ood(ood_index)
-        image, label = paste_outlier(image, label, ood_image, ood_mask, rng, self.scales)
+        if self.paste_prob >= 1.0 or rng.random() < self.paste_prob:  # p = 1 keeps the stream unchanged
+            image, label = paste_outlier(image, label, ood_image, ood_mask, rng, self.scales)
         ctx_image, ctx_label = context_image(ood_image, ood_mask, self.crop_size)
         return {
             "image": normalize(image, self.mean, self.std),

@@ -1,0 +1,162 @@
+"""rpl-train on a tiny generated world: loss goes down, base untouched, resume after SIGKILL, DDP, bad input."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rpl.cli.train import main as train_main
+from rpl.config import load_config
+from rpl.training import ShardedOrder, Trainer
+from train_world import make_world, overrides
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    return make_world(tmp_path_factory.mktemp("world"))
+
+
+def test_loss_decreases_and_base_is_untouched(world, tmp_path):
+    cfg = load_config(None, overrides(world, steps=12, **{"train.checkpoint_every": 100, "train.val_every": 100,
+                                                           "optim.lr": 2e-3, "data.flip_p": 0.0}))
+    trainer = Trainer(cfg, tmp_path / "run", quiet=True)
+    base_before = {k: v.clone() for k, v in trainer.model.segmenter.state_dict().items()}
+    batch = next(iter(trainer._loader(0, 0)))
+    trainer.model.eval()
+    with torch.no_grad():
+        loss_before = trainer._forward_loss(batch)[0].item()
+    summary = trainer.fit()
+    trainer.model.eval()
+    with torch.no_grad():
+        loss_after = trainer._forward_loss(batch)[0].item()
+    assert loss_after < loss_before
+    for k, v in base_before.items():
+        assert torch.equal(v, trainer.model.segmenter.state_dict()[k]), k
+    assert summary["steps"] == 12 and summary["skipped_steps"] == 0
+    run = tmp_path / "run"
+    assert (run / "last.safetensors").is_file() and (run / "best.safetensors").is_file() and (run / "last.pt").is_file()
+    records = [json.loads(l) for l in (run / "log.jsonl").read_text().splitlines()]
+    assert {"ce", "entropy", "outlier", "contrastive", "lr", "img_per_s"} <= set(records[0])
+    assert any("val_ap" in r for r in records)
+
+
+def test_sharded_order_is_a_resumable_partition():
+    a = ShardedOrder(10, 2, seed=1, rank=0, world=2)
+    b = ShardedOrder(10, 2, seed=1, rank=1, world=2)
+    ia, ib = list(a), list(b)
+    assert len(ia) == len(ib) == 4 and not set(ia) & set(ib)
+    a.set_epoch(0, start=2)
+    assert list(a) == ia[2:]
+    a.set_epoch(1)
+    assert list(a) != ia
+
+
+def _addon_state(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
+def _cli(args: list[str], **kw) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "rpl.cli.train", *args], env=env, cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def test_resume_after_sigkill_matches_straight_run(world, tmp_path):
+    n = 8
+    sets = overrides(world, steps=n, **{"train.checkpoint_every": n // 2, "train.val_every": 0})
+    straight = tmp_path / "straight"  # every run in a subprocess with the same thread count: same float sums
+    proc = _cli(["--work-dir", str(straight), "--quiet", *sum((["--set", s] for s in sets), [])])
+    assert proc.wait(timeout=300) == 0, proc.stdout.read()
+
+    killed = tmp_path / "killed"
+    proc = _cli(["--work-dir", str(killed), "--quiet", *sum((["--set", s] for s in sets), [])])
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        state = killed / "last.pt"
+        if state.exists():
+            try:
+                step = torch.load(state, weights_only=True)["progress"]["step"]
+            except Exception:  # being renamed into place
+                step = None
+            if step == n // 2:
+                break
+        if proc.poll() is not None:
+            break
+        time.sleep(0.02)
+    assert proc.poll() is None, "training finished before it could be killed: " + (proc.stdout.read() or "")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    resumed = torch.load(killed / "last.pt", weights_only=True)["progress"]["step"]
+    assert resumed < n
+    proc = _cli(["--work-dir", str(killed), "--quiet", "--resume", *sum((["--set", s] for s in sets), [])])
+    assert proc.wait(timeout=300) == 0, proc.stdout.read()
+    a, b = _addon_state(straight / "last.safetensors"), _addon_state(killed / "last.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_ddp_two_processes_gloo(world, tmp_path):
+    """Two CPU ranks; paste_prob 0.5 with batch 1 gives steps where a rank has no outlier pixel."""
+    work = tmp_path / "ddp"
+    sets = overrides(world, steps=6, **{"optim.batch_size": 1, "data.paste_prob": 0.5, "train.val_every": 0,
+                                        "train.checkpoint_every": 100})
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+           "-m", "rpl.cli.train", "--work-dir", str(work), "--quiet", *sum((["--set", s] for s in sets), [])]
+    out = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    records = [json.loads(l) for l in (work / "log.jsonl").read_text().splitlines() if "ce" in l]
+    per_rank = [r["outlier_pixels_per_rank"] for r in records]
+    assert len(per_rank) == 6
+    assert any(min(c) == 0 and max(c) > 0 for c in per_rank), per_rank  # one rank starved, the other not
+    summary = json.loads((work / "summary.json").read_text())
+    assert summary["steps"] == 6 and summary["rank_param_max_diff"] == 0.0  # identical weights on both ranks
+
+
+def test_bad_inputs_exit_2(world, tmp_path, capsys):
+    sets = overrides(world, steps=2)
+    args = lambda *extra: ["--work-dir", str(tmp_path / "w"), "--quiet", *sum((["--set", s] for s in [*sets, *extra]), [])]
+    assert train_main(args("data.coco=/nonexistent/coco")) == 2
+    assert "/nonexistent/coco" in capsys.readouterr().err
+    empty = tmp_path / "empty"
+    (empty / "leftImg8bit" / "train").mkdir(parents=True)
+    (empty / "gtFine" / "train").mkdir(parents=True)
+    assert train_main(args(f"data.inliers={empty}")) == 2
+    assert str(empty) in capsys.readouterr().err
+    assert train_main(args("optim.lrr=1")) == 2
+    assert "optim.lrr" in capsys.readouterr().err
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("optim:\n  batch_size: eight\n")
+    assert train_main(["--config", str(bad_yaml), "--print-config"]) == 2
+    assert "optim.batch_size" in capsys.readouterr().err
+    assert train_main(["--work-dir", str(tmp_path / "none"), "--resume", *sum((["--set", s] for s in sets), [])]) == 2
+    assert "last.pt" in capsys.readouterr().err
+
+
+def test_print_config_round_trips(tmp_path, capsys):
+    assert train_main(["--print-config", "--set", "optim.lr=1e-4"]) == 0
+    text = capsys.readouterr().out
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    assert load_config(path).optim.lr == 1e-4
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "experiments").glob("*.yaml")), ids=lambda p: p.name)
+def test_experiment_configs_are_valid(path):
+    cfg = load_config(path)
+    assert cfg.optim.batch_size > 0 and len(cfg.data.crop_size) == 2
