@@ -160,3 +160,13 @@ def test_print_config_round_trips(tmp_path, capsys):
 def test_experiment_configs_are_valid(path):
     cfg = load_config(path)
     assert cfg.optim.batch_size > 0 and len(cfg.data.crop_size) == 2
+
+
+def test_nonfinite_losses_are_skipped_then_stop_with_advice(world, tmp_path, capsys):
+    """A huge learning rate blows the block up: non-finite steps are skipped, then the run stops (exit 2)."""
+    sets = overrides(world, steps=8, **{"optim.lr": 1e30, "train.max_nonfinite": 2, "train.val_every": 0,
+                                        "train.checkpoint_every": 100})
+    code = train_main(["--work-dir", str(tmp_path / "nan"), "--quiet", *sum((["--set", s] for s in sets), [])])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "NaN/inf for 2 consecutive steps" in err and "optim.lr" in err and "Traceback" not in err
