@@ -2,26 +2,33 @@
 
     model = rpl.wrap(segmenter)           # frozen segmenter + trainable residual block
     out = model(images)                   # out.logits (unchanged), out.anomaly (B, H, W)
+
+Attributes load lazily, so tools that need no torch (``rpl-data synthstreets``) start fast.
 """
 from __future__ import annotations
 
 import importlib
 from typing import Any
 
-from rpl.blocks import BlockConfig, RPLAddon
-from rpl.errors import RPLInputError
-from rpl.wrapping import RPLOutput, RPLSegmenter, wrap
-
 __version__ = "0.1.0"
-__all__ = ["wrap", "RPLSegmenter", "RPLOutput", "BlockConfig", "RPLAddon", "RPLInputError",
-           "save", "load", "scores", "losses", "metrics", "models", "data"]
 
-_LAZY = {"scores", "losses", "metrics", "models", "data", "checkpoint"}
+_ATTRIBUTES = {
+    "wrap": "rpl.wrapping", "RPLSegmenter": "rpl.wrapping", "RPLOutput": "rpl.wrapping",
+    "BlockConfig": "rpl.blocks", "RPLAddon": "rpl.blocks", "RPLInputError": "rpl.errors",
+    "save": "rpl.checkpoint", "load": "rpl.checkpoint",
+}
+_SUBMODULES = {"scores", "losses", "metrics", "models", "data", "checkpoint", "wrapping", "blocks", "training",
+               "evaluation", "config"}
+__all__ = [*_ATTRIBUTES, *sorted(_SUBMODULES)]
 
 
 def __getattr__(name: str) -> Any:
-    if name in _LAZY:
+    if name in _ATTRIBUTES:
+        return getattr(importlib.import_module(_ATTRIBUTES[name]), name)
+    if name in _SUBMODULES:
         return importlib.import_module(f"rpl.{name}")
-    if name in ("save", "load"):
-        return getattr(importlib.import_module("rpl.checkpoint"), name)
     raise AttributeError(f"module 'rpl' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

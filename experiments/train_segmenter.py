@@ -1,0 +1,145 @@
+"""Train the shipped SynthStreets segmenter: rpl's DeepLabv3+ on a small timm backbone, from scratch.
+
+    python experiments/train_segmenter.py --data-root data/synthstreets \
+        --out weights/segmenter_synthstreets.safetensors
+
+No pretrained weights can be downloaded here, so the backbone starts from random init. The script
+trains with cross-entropy (void 255 ignored), random scale/crop/flip and colour jitter, AdamW and a
+poly schedule, stops at ``--epochs`` or ``--minutes`` (whichever comes first), evaluates val mIoU with
+``rpl.metrics.MIoU`` and writes fp16 safetensors (kept small for ``weights/``) whose metadata records
+the model spec, seed, command, time and val mIoU of the fp16 weights as they will be loaded.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader, Dataset
+
+from rpl.data.cityscapes import list_cityscapes, read_cityscapes_label
+from rpl.data.io import read_image
+from rpl.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
+from rpl.metrics import MIoU
+from rpl.models import DeepLabV3Plus
+
+
+class Augmented(Dataset):
+    def __init__(self, pairs, seed: int, train: bool):
+        self.pairs, self.seed, self.train, self.epoch = pairs, seed, train, 0
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, i: int):
+        img, lab = read_image(self.pairs[i][0]), read_cityscapes_label(self.pairs[i][1])
+        if self.train:
+            rng = np.random.default_rng((self.seed, self.epoch, i))
+            h, w = lab.shape
+            s = rng.uniform(0.75, 1.5)
+            img = cv2.resize(img, (round(w * s), round(h * s)), interpolation=cv2.INTER_LINEAR)
+            lab = cv2.resize(lab, (round(w * s), round(h * s)), interpolation=cv2.INTER_NEAREST)
+            ph, pw = max(h - img.shape[0], 0), max(w - img.shape[1], 0)
+            if ph or pw:
+                img = np.pad(img, ((0, ph), (0, pw), (0, 0)))
+                lab = np.pad(lab, ((0, ph), (0, pw)), constant_values=255)
+            y, x = rng.integers(0, img.shape[0] - h + 1), rng.integers(0, img.shape[1] - w + 1)
+            img, lab = img[y:y + h, x:x + w], lab[y:y + h, x:x + w]
+            if rng.random() < 0.5:
+                img, lab = img[:, ::-1], lab[:, ::-1]
+            jitter = rng.uniform(0.8, 1.2, 3) * rng.uniform(0.8, 1.2)
+            img = np.clip(img.astype(np.float32) * jitter + rng.uniform(-15, 15), 0, 255).astype(np.uint8)
+        return normalize(np.ascontiguousarray(img), IMAGENET_MEAN, IMAGENET_STD), torch.from_numpy(
+            np.ascontiguousarray(lab).astype(np.int64))
+
+
+@torch.no_grad()
+def evaluate(model, loader) -> dict:
+    model.eval()
+    metric = MIoU(num_classes=19)
+    for x, y in loader:
+        metric.update(model(x).argmax(1), y)
+    return metric.compute()
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-root", default="data/synthstreets")
+    p.add_argument("--out", default="weights/segmenter_synthstreets.safetensors")
+    p.add_argument("--backbone", default="resnet10t")
+    p.add_argument("--width", type=int, default=64, help="ASPP and decoder width")
+    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--minutes", type=float, default=45.0, help="wall-time budget")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=2)
+    args = p.parse_args(argv)
+
+    torch.manual_seed(args.seed)
+    root = Path(args.data_root)
+    if not (root / "cityscapes").exists():
+        from rpl.data.synthstreets import generate
+
+        generate(root, seed=0)
+    kwargs = {"backbone": args.backbone, "num_classes": 19, "output_stride": 16, "aspp_width": args.width,
+              "decoder_width": args.width}
+    model = DeepLabV3Plus(**kwargs)
+    train = Augmented(list_cityscapes(root / "cityscapes", "train"), args.seed, True)
+    val = Augmented(list_cityscapes(root / "cityscapes", "val"), args.seed, False)
+    val_loader = DataLoader(val, batch_size=8, num_workers=args.workers)
+    steps_per_epoch = len(train) // args.batch_size
+    total = args.epochs * steps_per_epoch
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 100) * (1 - s / total) ** 0.9)
+    start, step = time.time(), 0
+    budget = args.minutes * 60
+    for epoch in range(args.epochs):
+        train.epoch = epoch
+        g = torch.Generator().manual_seed(args.seed * 1000 + epoch)
+        loader = DataLoader(train, batch_size=args.batch_size, num_workers=args.workers, drop_last=True,
+                            sampler=torch.randperm(len(train), generator=g).tolist())
+        model.train()
+        for x, y in loader:
+            loss = F.cross_entropy(model(x), y, ignore_index=255)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            step += 1
+            if step % 20 == 0:
+                print(f"epoch {epoch} step {step}/{total} loss {loss.item():.3f} "
+                      f"{(time.time() - start) / 60:.1f} min", flush=True)
+        if (epoch + 1) % 5 == 0:
+            print(f"epoch {epoch}: val mIoU {evaluate(model, val_loader)['miou']:.4f}", flush=True)
+        # stop early if the next epoch would not fit in the budget
+        per_epoch = (time.time() - start) / (epoch + 1)
+        if time.time() - start + per_epoch > budget:
+            print(f"time budget reached after epoch {epoch}", flush=True)
+            break
+    seconds = time.time() - start
+    # round-trip through fp16 (the shipped precision) before measuring what users will get
+    half = {k: (v.half() if v.is_floating_point() else v).contiguous() for k, v in model.state_dict().items()}
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in half.items()})
+    result = evaluate(model, val_loader)
+    meta = {"model": "rpl.models:build_model", "kwargs": json.dumps(kwargs), "val_miou": f"{result['miou']:.6f}",
+            "iou_per_class": json.dumps(result["iou_per_class"]), "seed": str(args.seed), "epochs_run": str(epoch + 1),
+            "steps": str(step), "train_seconds": f"{seconds:.0f}", "command": " ".join(sys.argv),
+            "data": "SynthStreets seed 0, default size"}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file(half, str(out), metadata=meta)
+    print(json.dumps({"val_miou": result["miou"], "seconds": seconds, "steps": step, "out": str(out)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
