@@ -140,7 +140,8 @@ class RPLAddon(nn.Module):
     def init_from_aspp(self, aspp: nn.Module, bottleneck: nn.Module | None = None) -> bool:
         """Copy a pretrained ASPP (+ 1x1 bottleneck) into the block when every shape matches.
 
-        Understands this package's ``ASPP`` and torchvision's DeepLabV3 ASPP. Returns whether it copied.
+        Understands this package's ``ASPP``, torchvision's DeepLabV3 ASPP and NVIDIA's layout
+        (``img_conv`` + ``features``, as in the paper's DeepLabv3+ WideResNet38). Returns whether it copied.
         """
         ours = self.block
         if isinstance(aspp, ASPP):
@@ -148,7 +149,7 @@ class RPLAddon(nn.Module):
             if bottleneck is not None:
                 src.update({"bottleneck." + k: v for k, v in bottleneck.state_dict().items()})
         else:
-            src = _torchvision_aspp_state(aspp)
+            src = _torchvision_aspp_state(aspp) or _image_pooling_aspp_state(aspp, bottleneck)
             if src is None:
                 return False
         target = ours.state_dict()
@@ -180,4 +181,17 @@ def _torchvision_aspp_state(aspp: nn.Module) -> dict[str, torch.Tensor] | None:
     w = project[0].weight
     width = w.shape[1] // len(convs)
     state["bottleneck.weight"] = torch.cat([w[:, -width:], w[:, :-width]], dim=1)
+    return {k: v.detach().clone() for k, v in state.items()}
+
+
+def _image_pooling_aspp_state(aspp: nn.Module, bottleneck: nn.Module | None) -> dict[str, torch.Tensor] | None:
+    """Map NVIDIA's ASPP (``img_conv``, ``features[i]``; same concat order as ours) + ``bot_aspp`` to our keys."""
+    img_conv, features = getattr(aspp, "img_conv", None), getattr(aspp, "features", None)
+    if img_conv is None or features is None:
+        return None
+    state = {f"aspp.pooling.conv.{k}": v for k, v in img_conv.state_dict().items()}
+    for i, branch in enumerate(features):
+        state.update({f"aspp.branches.{i}.{k}": v for k, v in branch.state_dict().items()})
+    if bottleneck is not None:
+        state.update({f"bottleneck.{k}": v for k, v in bottleneck.state_dict().items()})
     return {k: v.detach().clone() for k, v in state.items()}

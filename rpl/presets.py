@@ -29,6 +29,10 @@ def detect(model: nn.Module) -> Attachment | None:
     if "DeepLabV3Plus" in names and hasattr(model, "final") and hasattr(model, "deep_feature"):
         # this package's DeepLabv3+: as the reference, read the deepest map, perturb the decoder concat
         return Attachment("final", "deep_feature", "aspp", "bottleneck", "rpl-deeplabv3plus")
+    if "DeepWV3Plus" in names and hasattr(model, "final") and hasattr(model, "mod7"):
+        # the paper's DeepLabv3+ WideResNet38 (NVIDIA layout): read mod7 (4096 ch, stride 8), perturb the
+        # 304-ch decoder concat, re-run final; block copied from aspp + bot_aspp as the reference does
+        return Attachment("final", "mod7", "aspp", "bot_aspp", "nvidia-deepwv3plus")
     if "DeepLabV3" in names and hasattr(model, "classifier") and hasattr(model, "backbone"):
         # torchvision: classifier = DeepLabHead(ASPP, 3x3 conv, BN, ReLU, 1x1 conv)
         return Attachment("classifier[1:]", "backbone", "classifier.0", None, "torchvision-deeplabv3")

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -54,6 +55,22 @@ def import_factory(path: str) -> Any:
         raise RPLInputError(f"module {module_name!r} has no {attr!r} (model {path!r}).") from None
 
 
+def numpy_safe_globals() -> list[Any]:
+    """Numpy scalar/array reconstruction (data only), under the numpy 1 and numpy 2 module names.
+
+    NVIDIA's file stores its validation mIoU as a numpy scalar, which ``weights_only`` refuses by default.
+    """
+    try:
+        multiarray = importlib.import_module("numpy._core.multiarray")
+    except ImportError:  # numpy 1.x
+        multiarray = importlib.import_module("numpy.core.multiarray")
+    allowed: list[Any] = [np.ndarray, np.dtype]
+    for fn in (multiarray.scalar, multiarray._reconstruct):
+        allowed += [fn, (fn, f"numpy.core.multiarray.{fn.__name__}"), (fn, f"numpy._core.multiarray.{fn.__name__}")]
+    allowed += list({type(np.dtype(code)) for code in ("f2", "f4", "f8", "i1", "i2", "i4", "i8", "u1", "b1")})
+    return allowed
+
+
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """A state dict from ``.safetensors`` or a ``.pth``/``.pt`` file (``state_dict``/``model`` nesting and
     ``module.`` prefixes handled), loaded without unpickling code."""
@@ -66,7 +83,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
             state = load_file(str(path))
         else:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
+            with torch.serialization.safe_globals(numpy_safe_globals()):  # e.g. NVIDIA's numpy mean_iu
+                state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as err:  # corrupt file, pickled code, ...: all the user's to fix
         raise RPLInputError(f"weights file {path} could not be read safely ({type(err).__name__}: {err}); expected a "
                             "state dict saved with torch.save(model.state_dict()) or safetensors.") from None
