@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Evaluate RPL's released RPL+CoroCL checkpoint with the paper's protocol (see experiments/REPRODUCING.md).
+# Evaluate RPL's released RPL+CoroCL checkpoint with the paper's protocol (see README "Reproducing the paper").
 #
 #   experiments/reproduce_paper.sh RPL_CHECKPOINT DATA_ROOT [OUT_DIR]
 #

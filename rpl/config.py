@@ -26,8 +26,8 @@ class SegmenterConfig:
     """The frozen segmenter: ``package.module:factory`` + kwargs + weights (see ``rpl.models.SegmenterSpec``)."""
 
     model: str = "rpl.models:build_model"
-    kwargs: dict = field(default_factory=lambda: {"backbone": "resnet18", "num_classes": 19, "output_stride": 16,
-                                                  "aspp_width": 128, "decoder_width": 128})
+    kwargs: dict = field(default_factory=lambda: {"backbone": "resnet10t", "num_classes": 19, "output_stride": 16,
+                                                  "aspp_width": 64, "decoder_width": 64})
     weights: str | None = DEFAULT_SEGMENTER_WEIGHTS
     num_classes: int = 19
     mean: list | None = field(default_factory=lambda: [0.485, 0.456, 0.406])
@@ -38,7 +38,7 @@ class SegmenterConfig:
 class WrapConfig:
     head: str | None = None  # None: the family's preset
     feature: str | None = None
-    width: int = 128  # residual block width (reference 256; the embedded segmenter is small)
+    width: int = 64  # residual block width (reference 256; the embedded segmenter is small)
     rates: list | None = None
     projection_dim: int | None = None
     zero_init: bool = False
