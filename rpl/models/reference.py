@@ -267,7 +267,7 @@ def _run(args: argparse.Namespace) -> int:
     for what, path in written.items():
         print(f"wrote {what}: {path}")
     if "addon" in written:
-        print(f"evaluate (paper protocol, see README "Reproducing the paper"): rpl-eval --checkpoint {written['addon']} "
+        print(f"evaluate (paper protocol, see the README's 'Reproducing the paper'): rpl-eval --checkpoint {written['addon']} "
               "--data-root DATA --pixel-mode exact --fpr-rule closest "
               "--datasets fs-laf,fs-static,road-anomaly,smiyc-anomaly,smiyc-obstacle")
     else:
