@@ -63,6 +63,7 @@ METHODS = ("rpl", "energy", "msp", "maxlogit", "entropy", "mcdropout")
 POST_HOC = tuple(SCORES)
 CLOSED_SET = "closed-set"  # the method name of mIoU rows
 PIXEL_MODES = ("exact", "streaming", "smiyc")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 FPR_RULES = ("first", "closest")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -137,6 +138,8 @@ class EvalOptions:
     vis_limit: int = 20  # overlays per dataset (when a visual sink is given)
     seed: int = 0  # RNG seed of the mcdropout passes
     progress: bool = True
+    compile: str | None = None  # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune
+    compile_backend: str = "inductor"
 
     def check(self) -> None:
         if self.pixel_mode not in PIXEL_MODES:
@@ -154,6 +157,8 @@ class EvalOptions:
             raise RPLInputError(f"--limit must be >= 1, got {self.limit}.")
         if not self.methods:
             raise RPLInputError("--methods is empty; expected one or more of " + ", ".join(METHODS) + ".")
+        if self.compile is not None and self.compile not in COMPILE_MODES:
+            raise RPLInputError(f"--compile {self.compile!r}: expected one of {', '.join(COMPILE_MODES)}.")
 
 
 def check_methods(methods: Iterable[str], wrapped: bool) -> tuple[str, ...]:
@@ -357,6 +362,10 @@ class Evaluator:
         self.methods = check_methods(self.options.methods, self.wrapped)
         self.device = torch.device(device) if device is not None else _model_device(model)
         self.model = model.to(self.device).eval()
+        # compiled kernels may round differently from eager ones; the identity check below always
+        # compares the eager wrapped model with the eager segmenter
+        self.forward_model = self.model if self.options.compile is None else torch.compile(
+            self.model, mode=self.options.compile, backend=self.options.compile_backend, dynamic=False)
         self.segmenter = model.segmenter if self.wrapped else model
         self.mc_model = dropout_copy(self.segmenter) if "mcdropout" in self.methods else None
         self.on_visual = on_visual
@@ -367,7 +376,7 @@ class Evaluator:
 
     def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, Any]:
         with self._autocast():
-            out = self.model(x)
+            out = self.forward_model(x)
         if self.wrapped:
             return out.logits, out
         return extract_logits(out), None
@@ -455,7 +464,8 @@ class Evaluator:
                 acc.miou = MIoU(num_classes=logits.shape[1])
                 if self.wrapped:  # the closed-set half of the wrapped forward vs the bare segmenter
                     with self._autocast():
-                        acc.identical = bool(torch.equal(extract_logits(self.segmenter(x)), logits))
+                        eager = logits if self.forward_model is self.model else self.model(x).logits
+                        acc.identical = bool(torch.equal(extract_logits(self.segmenter(x)), eager))
             acc.miou.update(resize_logits(logits, labels.shape[-2:]).argmax(1), labels)
             return
         scores = {m: resize_scores(s, labels.shape[-2:]) for m, s in self.scores(x, logits, out).items()}

@@ -310,3 +310,21 @@ def test_progress_bar_reports_images_per_second(wrapped):
              options=EvalOptions(methods=("energy",), progress=True))
     shown = buffer.getvalue()
     assert "speedy" in shown and "3/3" in shown and "img/s" in shown
+
+
+def test_compiled_forward_scores_like_eager(wrapped):
+    """--compile: the same metrics as the eager forward (aot_eager here; inductor only reorders rounding)."""
+    samples = [_sample(i) for i in range(2)]
+    options = dict(methods=("rpl", "energy"), pixel_mode="exact", progress=False)
+    eager = evaluate(wrapped, [_entry(samples)], options=EvalOptions(**options))
+    compiled = evaluate(wrapped, [_entry(samples)],
+                        options=EvalOptions(**options, compile="default", compile_backend="aot_eager"))
+    for a, b in zip(eager.results, compiled.results):
+        assert a["method"] == b["method"]
+        assert b["auroc"] == pytest.approx(a["auroc"], abs=1e-6) and b["ap"] == pytest.approx(a["ap"], abs=1e-6)
+    classes = [dict(s, label=np.where(s["label"] == 255, 255, s["label"] % 5).astype(np.uint8)) for s in samples]
+    row, = evaluate(wrapped, [_entry(classes, "classes", track=None, class_labels=True)],
+                    options=EvalOptions(**options, compile="default", compile_backend="aot_eager")).results
+    assert row["identical_to_segmenter"] is True
+    with pytest.raises(RPLInputError, match="--compile"):
+        EvalOptions(compile="fastest").check()

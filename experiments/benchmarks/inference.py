@@ -10,7 +10,7 @@ anomaly map (free energy of the perturbed logits, Gaussian-blurred), i.e. everyt
 needs from a forward. Two residual blocks: the reference-sized one (width 256, as RPL) and a light
 one (width 64). The overhead column is wrapped / bare - 1.
 
-Models: on CPU the embedded ``rpl.models.DeepLabV3Plus`` (ResNet-18, widths 128) and torchvision's
+Models: on CPU the embedded segmenter, ``rpl.models.DeepLabV3Plus`` (timm resnet10t, widths 64), and torchvision's
 ``deeplabv3_mobilenet_v3_large``, in fp32 with contiguous and with ``channels_last`` tensors; on
 CUDA torchvision's ``deeplabv3_resnet101`` under bf16 autocast with ``channels_last``. All random
 init (speed does not depend on the weights).
@@ -48,8 +48,8 @@ def build_segmenter(name: str) -> torch.nn.Module:
     from torchvision.models import segmentation
 
     torch.manual_seed(0)
-    if name == "deeplabv3plus-resnet18":
-        return DeepLabV3Plus("resnet18", num_classes=19, output_stride=16, aspp_width=128, decoder_width=128)
+    if name == "deeplabv3plus-resnet10t":
+        return DeepLabV3Plus("resnet10t", num_classes=19, output_stride=16, aspp_width=64, decoder_width=64)
     factory = {"deeplabv3-mobilenetv3": segmentation.deeplabv3_mobilenet_v3_large,
                "deeplabv3-resnet101": segmentation.deeplabv3_resnet101}[name]
     return factory(weights=None, weights_backbone=None, num_classes=19)
@@ -57,7 +57,7 @@ def build_segmenter(name: str) -> torch.nn.Module:
 
 SETUPS: dict[str, dict[str, Any]] = {
     "cpu": {"device": "cpu", "size": [512, 1024], "quick_size": [256, 512],
-            "runs": [("deeplabv3plus-resnet18", "fp32", False), ("deeplabv3plus-resnet18", "fp32", True),
+            "runs": [("deeplabv3plus-resnet10t", "fp32", False), ("deeplabv3plus-resnet10t", "fp32", True),
                      ("deeplabv3-mobilenetv3", "fp32", False), ("deeplabv3-mobilenetv3", "fp32", True)]},
     "gpu": {"device": "cuda", "size": [1024, 2048], "quick_size": [1024, 2048],
             "runs": [("deeplabv3-resnet101", "bf16", True), ("deeplabv3-resnet101", "fp32", False)]},

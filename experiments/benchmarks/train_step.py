@@ -47,8 +47,8 @@ from rpl.wrapping import extract_logits  # noqa: E402
 
 TORCHVISION_R101 = "torchvision.models.segmentation:deeplabv3_resnet101"
 SETUPS: dict[str, dict[str, Any]] = {
-    # the embedded default: rpl.models.DeepLabV3Plus(resnet18, 19 classes, OS 16, widths 128), block 128
-    "cpu-embedded": {"device": "cpu", "crop": [192, 384], "batch": 8, "width": 128, "segmenter": None,
+    # the embedded default (rpl/config.py): DeepLabV3Plus over resnet10t, widths 64, block width 64
+    "cpu-embedded": {"device": "cpu", "crop": [192, 384], "batch": 8, "width": None, "segmenter": None,
                      "variants": {"reference": {}, "ours": {},
                                   "ours, channels_last": {"channels_last": True}}},
     # the reference recipe's scale: DeepLabV3-ResNet101, 700 x 700 crops, reference-sized block
@@ -68,7 +68,8 @@ def make_config(setup: dict[str, Any], variant: dict[str, Any]) -> Config:
     if setup["segmenter"]:
         cfg.segmenter.model = setup["segmenter"]["model"]
         cfg.segmenter.kwargs = dict(setup["segmenter"]["kwargs"])
-    cfg.wrap.width = setup["width"]
+    if setup["width"] is not None:
+        cfg.wrap.width = setup["width"]
     cfg.data.crop_size = list(setup["crop"])
     cfg.optim.batch_size = setup["batch"]
     cfg.train.device = setup["device"]

@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     run = p.add_argument_group("running")
     run.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     run.add_argument("--amp", action="store_true", help="mixed precision forward (bf16, fp16 on older GPUs)")
+    run.add_argument("--compile", choices=("default", "reduce-overhead", "max-autotune"),
+                     help="torch.compile the forward with this mode (reduce-overhead uses CUDA graphs on GPU); "
+                          "the first images pay the compile time")
     run.add_argument("--batch-size", type=int, default=1)
     run.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1))
     run.add_argument("--limit", type=int, help="evaluate only the first N images of each dataset")
@@ -402,7 +405,7 @@ def _run(args: argparse.Namespace) -> int:
                           components=args.components, smooth_baselines=args.smooth_baselines,
                           mc_samples=args.mc_samples, amp=args.amp, batch_size=args.batch_size,
                           num_workers=args.num_workers, limit=args.limit, seed=args.seed, progress=not args.quiet,
-                          vis_limit=args.vis_limit if args.save_vis else WANDB_OVERLAYS)
+                          vis_limit=args.vis_limit if args.save_vis else WANDB_OVERLAYS, compile=args.compile)
     options.check()
     preprocess = resolve_preprocess(source, args)
     outputs = {k: _output_path(getattr(args, k), f"--{k}") for k in ("json", "csv", "markdown")}

@@ -10,8 +10,8 @@ anomaly benchmarks, writing each in its real on-disk layout so the real loaders 
     DIR/synthstreets.json   (seed, size, counts, version, classes; written last)
 
 Streets are rendered in perspective (bending road, lane markings, sidewalks, facades with windows,
-trees, poles, traffic lights and signs, cars, trucks, buses, people, riders, two-wheelers) with
-Cityscapes train ids (every class but ``train``; the ego-vehicle hood is void 255), random light,
+trees, poles, traffic lights and signs, cars, people) with Cityscapes train ids (the eleven classes
+in ``GENERATED_CLASSES``; the ego-vehicle hood is void 255), random light,
 palette, texture, blur and sensor noise. The outlier-exposure set shows indoor objects (crate,
 ball, lamp, ...) and, on purpose, a few pictures the Meta-OoD rules must drop (a person or a car,
 official ids 1 and 3; pictures under 480 pixels; one without annotations). The test sets hold

@@ -7,10 +7,10 @@ import numpy as np
 
 from .camera import Camera
 from .canvas import Canvas, ellipse, segment
-from .classes import BICYCLE, MOTORCYCLE, PERSON, POLE, RIDER, TRAFFIC_LIGHT, TRAFFIC_SIGN, VEGETATION
+from .classes import PERSON, POLE, TRAFFIC_LIGHT, TRAFFIC_SIGN, VEGETATION
 from .style import CLOTHES, SKIN, jitter, pick
 
-MIN_POLE_PX = 2.0
+MIN_POLE_PX = 3.0  # thinner poles vanish at the segmenter's stride-4 decoder
 
 
 class Frame:
@@ -187,77 +187,6 @@ def person_in(canvas: Canvas, f: Frame, rng: np.random.Generator, label: int = P
         parts.append((f(np.array([(bx - 0.1, 0.9), (bx + 0.1, 0.9), (bx + 0.1, 1.2), (bx - 0.1, 1.2)]) * s), bag))
     for poly, colour in parts:
         canvas.paint([poly], colour, label)
-
-
-def two_wheeler(canvas: Canvas, cam: Camera, rng: np.random.Generator, l: float, z: float, motor: bool,
-                ridden: bool) -> None:
-    """A bicycle or motorcycle seen from the side (crossing or parked), optionally with its rider."""
-    f = Frame(cam, l, z)
-    d = 1.0 if rng.random() < 0.5 else -1.0
-    label = MOTORCYCLE if motor else BICYCLE
-    r, base = (0.32, 0.7) if motor else (0.34, 0.52)
-    paint = jitter(rng, pick(rng, ((0.1, 0.1, 0.1), (0.6, 0.1, 0.08), (0.15, 0.25, 0.5), (0.7, 0.7, 0.72))))
-    for cx in (-base * d, base * d):
-        if motor:
-            canvas.paint([f.oval(cx, r, r, r)], (0.06, 0.06, 0.06), label)
-            canvas.paint([f.oval(cx, r, r * 0.45, r * 0.45, n=12)], (0.55, 0.55, 0.57), None)
-        else:
-            canvas.paint([f.oval(cx, r, r, r)], (0.12, 0.12, 0.12), label, blend=0.45)
-            canvas.paint([f.oval(cx, r, r, r), f.oval(cx, r, r * 0.84, r * 0.84)], (0.05, 0.05, 0.05), None)
-    if motor:
-        body = f(np.array([(-0.6, 0.55), (-0.25, 0.85), (0.35, 0.9), (0.55, 0.7), (0.3, 0.35), (-0.3, 0.4)]) * [d, 1])
-        canvas.paint([body], paint, label)
-        canvas.paint([f.seg((0.45 * d, 0.85), (0.7 * d, r), 0.07, 1.0)], (0.4, 0.4, 0.42), label)
-        canvas.paint([f.seg((0.45 * d, 1.0), (0.3 * d, 1.05), 0.05, 1.0)], (0.1, 0.1, 0.1), label)
-        seat, bar = (-0.15 * d, 0.88), (0.35 * d, 1.02)
-    else:
-        bb, seat, head = (0.0, 0.3), (-0.12 * d, 0.88), (0.42 * d, 0.92)
-        rear, front = (-base * d, r), (base * d, r)
-        for p0, p1 in ((rear, bb), (rear, seat), (bb, seat), (seat, head), (bb, head), (head, front)):
-            canvas.paint([f.seg(p0, p1, 0.045, 1.0)], paint, label)
-        bar = (0.45 * d, 1.02)
-        saddle = f.seg((seat[0] - 0.1, seat[1] + 0.03), (seat[0] + 0.1, seat[1] + 0.03), 0.05, 1.0)
-        canvas.paint([f.seg(head, bar, 0.04, 1.0), saddle], (0.08, 0.08, 0.08), label)
-    if ridden:
-        _rider(canvas, f, rng, d, seat, bar, helmet=motor or rng.random() < 0.4)
-
-
-def _rider(canvas: Canvas, f: Frame, rng: np.random.Generator, d: float, seat, bar, helmet: bool) -> None:
-    top, bottom = jitter(rng, pick(rng, CLOTHES)), jitter(rng, pick(rng, CLOTHES))
-    skin = jitter(rng, pick(rng, SKIN), 0.02)
-    hip = (seat[0], seat[1] + 0.06)
-    shoulder = (hip[0] + 0.22 * d, hip[1] + 0.55)
-    knee, foot = (hip[0] + 0.38 * d, hip[1] - 0.2), (hip[0] + 0.22 * d, 0.25)
-    parts = [(f.seg(hip, knee, 0.15), bottom), (f.seg(knee, foot, 0.13), bottom),
-             (f.seg(hip, shoulder, 0.3), top), (f.seg(shoulder, bar, 0.09), top * 0.9),
-             (f.oval(shoulder[0] + 0.06 * d, shoulder[1] + 0.17, 0.11, 0.12), skin)]
-    if helmet:
-        parts.append((f.oval(shoulder[0] + 0.06 * d, shoulder[1] + 0.2, 0.14, 0.12),
-                      jitter(rng, pick(rng, ((0.9, 0.9, 0.9), (0.1, 0.1, 0.1), (0.8, 0.2, 0.1))))))
-    for poly, colour in parts:
-        canvas.paint([poly], colour, RIDER)
-
-
-def rider_from_behind(canvas: Canvas, cam: Camera, rng: np.random.Generator, l: float, z: float, motor: bool) -> None:
-    """A cyclist or motorcyclist riding away from the camera in the lane."""
-    f = Frame(cam, l, z)
-    label = MOTORCYCLE if motor else BICYCLE
-    wheel_w = 0.14 if motor else 0.05
-    canvas.paint([f([(-wheel_w / 2, 0), (wheel_w / 2, 0), (wheel_w / 2, 0.66), (-wheel_w / 2, 0.66)])],
-                 (0.06, 0.06, 0.06), label)
-    if motor:
-        canvas.paint([f([(-0.25, 0.45), (0.25, 0.45), (0.3, 0.85), (-0.3, 0.85)])],
-                     jitter(rng, pick(rng, ((0.1, 0.1, 0.1), (0.6, 0.1, 0.08), (0.7, 0.7, 0.72)))), label)
-        canvas.paint([f([(-0.08, 0.6), (0.08, 0.6), (0.08, 0.68), (-0.08, 0.68)])], (0.9, 0.1, 0.1), None)
-    canvas.paint([f.seg((-0.32, 1.02), (0.32, 1.02), 0.04, 1.0)], (0.1, 0.1, 0.1), label)
-    top, bottom = jitter(rng, pick(rng, CLOTHES)), jitter(rng, pick(rng, CLOTHES))
-    parts = [(f.seg((sgn * 0.1, 0.95), (sgn * 0.14, 0.3), 0.14), bottom) for sgn in (1, -1)]
-    parts += [(f([(-0.17, 0.9), (0.17, 0.9), (0.22, 1.42), (-0.22, 1.42)]), top),
-              (f.seg((-0.2, 1.38), (-0.3, 1.04), 0.09), top), (f.seg((0.2, 1.38), (0.3, 1.04), 0.09), top),
-              (f.oval(0, 1.56, 0.11 if not motor else 0.15, 0.13), jitter(rng, pick(rng, SKIN)) if not motor else
-               jitter(rng, pick(rng, ((0.9, 0.9, 0.9), (0.1, 0.1, 0.1)))))]
-    for poly, colour in parts:
-        canvas.paint([poly], colour, RIDER)
 
 
 def pole_only(canvas: Canvas, cam: Camera, rng: np.random.Generator, l: float, z: float, height: float,

@@ -1,5 +1,5 @@
-"""Buildings along both sides of the street (facades with window grids, in perspective), their cast
-shadows, and the walls and fences that line sidewalks and fields."""
+"""Buildings along both sides of the street (facades with window grids, in perspective) and their cast
+shadows."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,7 +8,7 @@ import numpy as np
 
 from .camera import Camera
 from .canvas import Canvas
-from .classes import BUILDING, FENCE, WALL
+from .classes import BUILDING
 from .ground import Ground, shadow_ground
 from .style import Style, jitter, pick
 
@@ -25,18 +25,8 @@ class Building:
     windows: bool
 
 
-@dataclass
-class Barrier:
-    kind: int  # WALL or FENCE
-    l: float
-    z0: float
-    z1: float
-    height: float
-    colour: np.ndarray
-
-
-def plan_buildings(rng: np.random.Generator, ground: Ground, style: Style) -> tuple[list[Building], list[Barrier]]:
-    buildings, barriers = [], []
+def plan_buildings(rng: np.random.Generator, ground: Ground, style: Style) -> list[Building]:
+    buildings = []
     for side, outer in ((-1, ground.outer[0]), (1, ground.outer[1])):
         if style.context == "rural":
             for _ in range(int(rng.choice([0, 0, 1, 1, 2]))):
@@ -44,16 +34,8 @@ def plan_buildings(rng: np.random.Generator, ground: Ground, style: Style) -> tu
                 buildings.append(Building(side, outer + side * rng.uniform(8, 25), z0, z0 + rng.uniform(8, 20),
                                           rng.uniform(4, 9), rng.uniform(8, 14), jitter(rng, pick(rng, style.facades)),
                                           windows=rng.random() < 0.5))
-            if rng.random() < 0.55:
-                z0 = rng.uniform(2, 15)
-                barriers.append(Barrier(FENCE, outer + side * rng.uniform(1.5, 4), z0, z0 + rng.uniform(30, 120),
-                                        rng.uniform(0.9, 1.4), jitter(rng, (0.45, 0.33, 0.22), 0.04)))
             continue
-        if rng.random() < 0.12:  # a park on this side: grass and trees, maybe a fence
-            if rng.random() < 0.5:
-                z0 = rng.uniform(3, 10)
-                barriers.append(Barrier(FENCE, outer, z0, z0 + rng.uniform(20, 60), rng.uniform(1.0, 1.8),
-                                        jitter(rng, pick(rng, ((0.2, 0.22, 0.22), (0.15, 0.3, 0.2), (0.5, 0.5, 0.5))))))
+        if rng.random() < 0.12:  # a park on this side: grass and trees
             continue
         z = rng.uniform(1.0, 10.0)
         while z < 130:
@@ -64,14 +46,8 @@ def plan_buildings(rng: np.random.Generator, ground: Ground, style: Style) -> tu
             setback = rng.uniform(0, 0.3) if rng.random() < 0.6 else rng.uniform(1.5, 7)
             buildings.append(Building(side, outer + side * setback, z, z + length, rng.uniform(6, 30),
                                       rng.uniform(8, 16), jitter(rng, pick(rng, style.facades)), windows=True))
-            if setback > 1.5 and rng.random() < 0.6:
-                wall = rng.random() < 0.5
-                colour = jitter(rng, pick(rng, ((0.6, 0.6, 0.58), (0.72, 0.68, 0.6), (0.5, 0.48, 0.45)))) if wall else \
-                    jitter(rng, pick(rng, ((0.2, 0.22, 0.22), (0.15, 0.3, 0.2), (0.55, 0.55, 0.55))))
-                barriers.append(Barrier(WALL if wall else FENCE, outer, z, z + length,
-                                        rng.uniform(0.8, 2.2) if wall else rng.uniform(1.0, 1.9), colour))
             z += length
-    return buildings, barriers
+    return buildings
 
 
 def cast_shadows(canvas: Canvas, ground: Ground, buildings: list[Building], style: Style,
@@ -130,24 +106,3 @@ def _paint_windows(canvas: Canvas, cam: Camera, plane, along: np.ndarray, sills:
     quads = quads[size >= 1.2]
     if len(quads):
         canvas.paint(quads, glass, None)
-
-
-def paint_barrier(canvas: Canvas, cam: Camera, bar: Barrier, rng: np.random.Generator) -> None:
-    zs = np.linspace(bar.z0, bar.z1, 2 + int((bar.z1 - bar.z0) // 10))
-    poly = np.concatenate([cam.project(bar.l, 0.0, zs), cam.project(bar.l, bar.height, zs)[::-1]])
-    if bar.kind == WALL:
-        canvas.paint([poly], bar.colour, WALL)
-        cap = np.concatenate([cam.project(bar.l, bar.height - 0.15, zs), cam.project(bar.l, bar.height, zs)[::-1]])
-        canvas.paint([cap], bar.colour * 0.75, None)
-        return
-    canvas.paint([poly], bar.colour, FENCE, blend=0.4)
-    for y0 in (bar.height - 0.12, bar.height * 0.45):
-        rail = np.concatenate([cam.project(bar.l, y0, zs), cam.project(bar.l, y0 + 0.1, zs)[::-1]])
-        canvas.paint([rail], bar.colour, None)
-    posts = np.arange(bar.z0, bar.z1, rng.uniform(1.5, 2.5))
-    base, tip = cam.project(bar.l, 0.0, posts), cam.project(bar.l, bar.height, posts)
-    widths = np.maximum(cam.px_per_m(posts) * 0.08, 1.0)
-    quads = [np.array([[bx - w / 2, by], [bx + w / 2, by], [tx + w / 2, ty], [tx - w / 2, ty]])
-             for (bx, by), (tx, ty), w in zip(base, tip, widths)]
-    if quads:
-        canvas.paint(quads, bar.colour * 0.85, None)

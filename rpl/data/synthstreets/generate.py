@@ -33,7 +33,7 @@ from .scene import Scene, render_street
 GENERATOR_VERSION = "1"
 MANIFEST = "synthstreets.json"
 DEFAULT_SIZE = (192, 384)  # (H, W)
-DEFAULT_COUNTS = {"train": 400, "val": 60, "coco": 300, "anomaly": 60, "rural": 60, "obstacle": 60}
+DEFAULT_COUNTS = {"train": 1000, "val": 60, "coco": 300, "anomaly": 60, "rural": 60, "obstacle": 60}
 CITIES = {"train": ("arborvale", "brickport", "cobbleton", "dunmere"), "val": ("elmsford", "fernhollow")}
 CITYSCAPES_FRAME = 19  # Cityscapes' annotated frame of each snippet is the 20th (000019)
 ANOMALY_SETS = {  # folder: (set, context, anomalies per picture, on-screen area range, road only, min area)

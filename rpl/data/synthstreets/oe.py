@@ -185,7 +185,7 @@ def render_oe_image(rng: np.random.Generator, role: str = "objects") -> tuple[np
                 z = focal * 1.9 / size  # a car about as wide as the cell's object size
                 cam = Camera(h, w, focal, mount=1.2, horizon=base - focal * 1.2 / z, centre_x=x + focal * lateral / z,
                              lateral=lateral, bend=0.0)
-                vehicles.vehicle(c, cam, rng, CAR, 0.0, z, vehicles.sample_size(rng, CAR), rng.random() < 0.5, 0.3)
+                vehicles.vehicle(c, cam, rng, 0.0, z, vehicles.sample_size(rng), rng.random() < 0.5, 0.3)
             instances.append((label, "person" if role == "person" else "car", False))
             continue
         label = INSTANCE_BASE + k

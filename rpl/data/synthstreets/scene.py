@@ -13,11 +13,10 @@ import numpy as np
 
 from . import actors, vehicles
 from .anomalies import ANOMALY_KINDS, FLAT_KINDS, SPREAD, draw_anomaly
-from .buildings import cast_shadows, paint_barrier, paint_building, plan_buildings
+from .buildings import cast_shadows, paint_building, plan_buildings
 from .camera import Camera
 from .canvas import Canvas, finish
-from .classes import (ANOMALY, BICYCLE, BUILDING, BUS, CAR, FENCE, MOTORCYCLE, PERSON, POLE, RIDER, ROAD,
-                      TRAFFIC_LIGHT, TRAFFIC_SIGN, TRUCK, VEGETATION, VOID, WALL)
+from .classes import ANOMALY, BUILDING, CAR, PERSON, POLE, ROAD, TRAFFIC_LIGHT, TRAFFIC_SIGN, VEGETATION, VOID
 from .ground import Ground, paint_ground, paint_hood, paint_skyline, paint_sky
 from .style import Layout, jitter, sample_layout, sample_style
 
@@ -33,11 +32,9 @@ def _grain_table(values: dict[int, float]) -> np.ndarray:
 
 # Surface texture per class (amplitudes of fine and mid noise): ground classes are textured when
 # rendered, in perspective, so they get none here.
-GRAIN_FINE = _grain_table({BUILDING: 0.07, WALL: 0.1, FENCE: 0.08, POLE: 0.06, TRAFFIC_LIGHT: 0.04,
-                           TRAFFIC_SIGN: 0.03, VEGETATION: 0.3, PERSON: 0.08, RIDER: 0.08, CAR: 0.04, TRUCK: 0.05,
-                           BUS: 0.05, MOTORCYCLE: 0.05, BICYCLE: 0.05, VOID: 0.02, ANOMALY: 0.03})
-GRAIN_MID = _grain_table({BUILDING: 0.06, WALL: 0.12, VEGETATION: 0.15, PERSON: 0.04, CAR: 0.03, TRUCK: 0.05,
-                          BUS: 0.04})
+GRAIN_FINE = _grain_table({BUILDING: 0.07, POLE: 0.06, TRAFFIC_LIGHT: 0.04, TRAFFIC_SIGN: 0.03, VEGETATION: 0.3,
+                           PERSON: 0.08, CAR: 0.04, VOID: 0.02, ANOMALY: 0.03})
+GRAIN_MID = _grain_table({BUILDING: 0.06, VEGETATION: 0.15, PERSON: 0.04, CAR: 0.03})
 
 
 @dataclass
@@ -89,7 +86,7 @@ def render_street(rng: np.random.Generator, size: tuple[int, int], context: str 
     ground = Ground(cam, layout)
     paint_sky(canvas, cam, style)
     paint_ground(canvas, ground, style, rng)
-    buildings, barriers = plan_buildings(rng, ground, style)
+    buildings = plan_buildings(rng, ground, style)
     cast_shadows(canvas, ground, buildings, style, rng)
     paint_skyline(canvas, cam, style, rng)
 
@@ -99,8 +96,6 @@ def render_street(rng: np.random.Generator, size: tuple[int, int], context: str 
     background += _background_trees(rng, cam, ground, style, buildings)
     for z, draw in sorted(background, key=lambda item: -item[0]):
         draw(canvas)
-    for bar in sorted(barriers, key=lambda b: -b.z0):
-        paint_barrier(canvas, cam, bar, rng)
 
     items = [(z, draw, True) for z, draw in
              _plan_anomalies(rng, cam, ground, layout, occupied, anomalies, anomaly_area, on_road_only)]
@@ -167,7 +162,7 @@ def _plan_anomalies(rng, cam: Camera, ground: Ground, layout: Layout, occupied: 
 
 def _plan_actors(rng, cam: Camera, ground: Ground, layout: Layout, style, occupied: _Occupancy,
                  context: str) -> list[tuple[float, Draw]]:
-    """Vehicles in lanes, people on sidewalks (a few crossing), riders, parked two-wheelers, furniture."""
+    """Cars in lanes, people on sidewalks (a few crossing), street furniture."""
     out: list[tuple[float, Draw]] = []
     city = context == "city"
     half, lane = layout.road_width / 2, layout.road_width / layout.lanes
@@ -181,47 +176,28 @@ def _plan_actors(rng, cam: Camera, ground: Ground, layout: Layout, style, occupi
         a, b = bands[int(rng.integers(len(bands)))]
         return rng.uniform(a + margin, b - margin)
 
-    # vehicles: forward lanes show their rear, oncoming lanes (left half) their front
-    n_cars = int(rng.integers(1, 8)) if city else int(rng.integers(0, 3))
-    kinds = [CAR] * n_cars + [TRUCK] * int(rng.random() < (0.35 if city else 0.2))
-    kinds += [BUS] * int(city and rng.random() < 0.3)
-    for kind in kinds:
-        size = vehicles.sample_size(rng, kind)
+    # cars in lanes: forward lanes show their rear, oncoming lanes (left half) their front
+    for _ in range(int(rng.integers(1, 8)) if city else int(rng.integers(0, 3))):
+        size = vehicles.sample_size(rng)
         for _ in range(4):
             k = int(rng.integers(layout.lanes))
             l = -half + (k + 0.5) * lane + rng.uniform(-0.3, 0.3)
-            z = rng.uniform(4.5, 70)
+            z = rng.uniform(4.5, 60)
             if abs(l - cam.lateral) < lane / 2 and z < 9:
                 continue  # not right in front of the bonnet
             if occupied.take(l - size.width / 2, l + size.width / 2, z - 1.0, z + size.length + 1.0):
                 oncoming = k < layout.lanes // 2 if layout.lanes > 1 else rng.random() < 0.5
-                add(z, vehicles.vehicle, kind=kind, l=l, size=size, oncoming=oncoming, shadow=style.shadow * 0.8)
+                add(z, vehicles.vehicle, l=l, size=size, oncoming=oncoming, shadow=style.shadow * 0.8)
                 break
 
     for _ in range(int(rng.choice([0, 1, 2, 2, 3, 4, 5, 6, 8]) if city else rng.integers(0, 3))):
-        l, z = sidewalk_spot(), rng.uniform(3.5, 45)
+        l, z = sidewalk_spot(), rng.uniform(3.5, 30)
         if l is not None and occupied.take(l - 0.3, l + 0.3, z - 0.3, z + 0.3):
             add(z, actors.person, l=l)
     if city and rng.random() < 0.2:  # someone crossing the street
         l, z = rng.uniform(-half, half), rng.uniform(7, 25)
         if occupied.take(l - 0.3, l + 0.3, z - 0.3, z + 0.3):
             add(z, actors.person, l=l)
-
-    if rng.random() < (0.45 if city else 0.15):
-        motor = rng.random() < 0.35
-        if rng.random() < 0.65:
-            l, z = half - rng.uniform(0.5, 1.2), rng.uniform(6, 35)
-            if occupied.take(l - 0.4, l + 0.4, z - 1.0, z + 1.0):
-                add(z, actors.rider_from_behind, l=l, motor=motor)
-        else:
-            l, z = rng.uniform(-half + 1, half - 1), rng.uniform(8, 30)
-            if occupied.take(l - 1.0, l + 1.0, z - 0.4, z + 0.4):
-                add(z, actors.two_wheeler, l=l, motor=motor, ridden=True)
-    if city and rng.random() < 0.4:  # parked bicycles / motorcycles, side on
-        for _ in range(int(rng.integers(1, 4))):
-            l, z = sidewalk_spot(0.9), rng.uniform(4, 30)
-            if l is not None and occupied.take(l - 1.0, l + 1.0, z - 0.3, z + 0.3):
-                add(z, actors.two_wheeler, l=l, motor=rng.random() < 0.3, ridden=False)
 
     _plan_furniture(rng, ground, layout, style, occupied, add, city)
     return out
@@ -262,12 +238,12 @@ def _plan_furniture(rng, ground: Ground, layout: Layout, style, occupied: _Occup
     lights = int(rng.integers(1, 4)) if city and rng.random() < 0.8 else int(rng.random() < 0.1)
     for _ in range(lights):
         side = -1 if rng.random() < 0.5 else 1
-        l, z = curb[side] + side * 0.5, rng.uniform(9, 50)
+        l, z = curb[side] + side * 0.5, rng.uniform(8, 35)
         if occupied.take(l - 0.3, l + 0.3, z - 0.3, z + 0.3):
             reach = -side * rng.uniform(2.0, 4.5) if rng.random() < 0.35 else 0.0
             add(z, actors.traffic_light, l=l, reach=reach, facing=rng.random() < 0.75)
     for _ in range(int(rng.integers(0, 5)) if city else int(rng.integers(0, 3))):
         side = -1 if rng.random() < 0.5 else 1
-        l, z = curb[side] + side * rng.uniform(0.3, 0.8), rng.uniform(4, 50)
+        l, z = curb[side] + side * rng.uniform(0.3, 0.8), rng.uniform(4, 35)
         if occupied.take(l - 0.3, l + 0.3, z - 0.3, z + 0.3):
             add(z, actors.traffic_sign, l=l, facing=rng.random() < 0.85)
