@@ -23,7 +23,7 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
 
 from rpl.data.cityscapes import list_cityscapes, read_cityscapes_label
@@ -31,6 +31,14 @@ from rpl.data.io import read_image
 from rpl.data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalize
 from rpl.metrics import MIoU
 from rpl.models import DeepLabV3Plus
+
+
+def load_file_metadata(path: str) -> dict:
+    """The metadata of the run a fine-tune starts from, kept so the shipped file records its whole history."""
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        return {k: v for k, v in (f.metadata() or {}).items() if k != "iou_per_class"}
 
 
 class Augmented(Dataset):
@@ -88,6 +96,8 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init", help="start from these weights (a file this script wrote) instead of random init, "
+                                  "to continue a run whose time budget ran out")
     p.add_argument("--workers", type=int, default=0, help="loader processes (data is in memory)")
     args = p.parse_args(argv)
 
@@ -99,7 +109,10 @@ def main(argv=None) -> int:
         generate(root, seed=0)
     kwargs = {"backbone": args.backbone, "num_classes": 19, "output_stride": 16, "aspp_width": args.width,
               "decoder_width": args.width}
-    model = DeepLabV3Plus(**kwargs).to(memory_format=torch.channels_last)
+    model = DeepLabV3Plus(**kwargs)
+    if args.init:
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in load_file(args.init).items()})
+    model = model.to(memory_format=torch.channels_last)
     train = Augmented(list_cityscapes(root / "cityscapes", "train"), args.seed, True)
     val = Augmented(list_cityscapes(root / "cityscapes", "val"), args.seed, False)
     val_loader = DataLoader(val, batch_size=8, num_workers=args.workers)
@@ -143,6 +156,7 @@ def main(argv=None) -> int:
     meta = {"model": "rpl.models:build_model", "kwargs": json.dumps(kwargs), "val_miou": f"{result['miou']:.6f}",
             "iou_per_class": json.dumps(result["iou_per_class"]), "seed": str(args.seed), "epochs_run": str(epoch + 1),
             "steps": str(step), "train_seconds": f"{seconds:.0f}", "command": " ".join(sys.argv),
+            "init": json.dumps(dict(load_file_metadata(args.init)) if args.init else None),
             "data": "SynthStreets seed 0, default size"}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -80,7 +80,7 @@ class OptimConfig:
     last_layer_lr_mult: float = 10.0
     batch_size: int = 8  # street crops per step (+ as many context images with CoroCL)
     epochs: int = 40
-    iterations: int | None = 200  # overrides epochs when set
+    iterations: int | None = 150  # overrides epochs when set
     poly_power: float = 0.9
     grad_clip: float | None = None
 
