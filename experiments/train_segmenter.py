@@ -6,7 +6,8 @@
 No pretrained weights can be downloaded here, so the backbone starts from random init. The script
 keeps the decoded training set in memory, trains in channels-last layout with class-weighted
 cross-entropy (ENet weights 1/ln(1.02 + frequency), so poles, lights and signs count; void 255
-ignored), random scale/crop/flip and colour jitter, AdamW and a poly schedule, stops at ``--epochs`` or ``--minutes`` (whichever comes first), evaluates val mIoU with
+ignored), random scale/crop/flip and colour jitter, AdamW and a poly schedule, stops at ``--epochs``
+or ``--minutes`` (whichever comes first), evaluates val mIoU with
 ``rpl.metrics.MIoU`` and writes fp16 safetensors (kept small for ``weights/``) whose metadata records
 the model spec, seed, command, time and val mIoU of the fp16 weights as they will be loaded.
 """
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -156,7 +156,7 @@ def main(argv=None) -> int:
     meta = {"model": "rpl.models:build_model", "kwargs": json.dumps(kwargs), "val_miou": f"{result['miou']:.6f}",
             "iou_per_class": json.dumps(result["iou_per_class"]), "seed": str(args.seed), "epochs_run": str(epoch + 1),
             "steps": str(step), "train_seconds": f"{seconds:.0f}", "command": " ".join(sys.argv),
-            "init": json.dumps(dict(load_file_metadata(args.init)) if args.init else None),
+            "init": json.dumps(load_file_metadata(args.init) if args.init else None),
             "data": "SynthStreets seed 0, default size"}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -30,14 +30,8 @@ FCN = "torchvision.models.segmentation:fcn_resnet50"
 FCN_KWARGS = {"weights": None, "weights_backbone": None, "num_classes": 19}
 
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread beats two that wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 @dataclass
 class World:

@@ -18,14 +18,8 @@ from models_for_tests import ToySegmenter, randomize_bn
 H, W = 24, 40
 
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread beats two that wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 def _sample(i: int, size=(H, W), label_size=None, void_all=False, anomalies=True):
     rng = np.random.default_rng(i)

@@ -26,13 +26,7 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "experiments" / "benchmark
 TINY = {"backbone": "resnet18", "num_classes": 19, "output_stride": 16, "aspp_width": 16, "decoder_width": 16}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread beats two that wait on each other."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _load(name: str):

@@ -8,6 +8,7 @@ Markdown table (``markdown_table``) headed by the machine it ran on (``machine``
 """
 from __future__ import annotations
 
+import argparse
 import ctypes
 import json
 import os
@@ -205,6 +206,22 @@ def run_worker(script: str | Path, spec: dict[str, Any], threads: int | None = N
 def emit(result: dict[str, Any]) -> None:
     """A worker's answer: one JSON line on stdout (the parent reads the last line)."""
     print(json.dumps(result), flush=True)
+
+
+def add_common_arguments(parser) -> None:
+    """--threads, --json and the hidden --worker that every benchmark script takes."""
+    parser.add_argument("--threads", type=int, help="torch intra-op threads in each measuring process (default: "
+                        "torch's, one per core; use 1 on a machine shared with other jobs)")
+    parser.add_argument("--json", help="also write the raw measurements here")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+
+
+def served_as_worker(args, worker: Callable[[dict[str, Any]], dict[str, Any]]) -> bool:
+    """In a worker process (``--worker SPEC``): run ``worker(SPEC)``, emit its answer and return True."""
+    if not args.worker:
+        return False
+    emit(worker(json.loads(args.worker)))
+    return True
 
 
 # -- tables ------------------------------------------------------------------------------------

@@ -43,8 +43,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (MB, ChildrenMemory, PeakMemory, describe, emit, machine, markdown_table, median,  # noqa: E402
-                    run_worker, write_json)
+from common import (MB, ChildrenMemory, PeakMemory, add_common_arguments, describe,  # noqa: E402
+                    machine, markdown_table, median, run_worker, served_as_worker,
+                    write_json)
 
 METHODS = ("rpl", "energy", "msp", "maxlogit", "entropy")
 SEGMENTER_KWARGS = {"backbone": "resnet18", "num_classes": 19, "output_stride": 16, "aspp_width": 32,
@@ -218,13 +219,9 @@ def main() -> None:
     parser.add_argument("--size", help="HxW of the generated images (default 1024x2048, quick 512x1024)")
     parser.add_argument("--rounds", type=int, default=1, help="fresh processes per variant, interleaved (default 1)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated among " + ", ".join(VARIANTS))
-    parser.add_argument("--threads", type=int, help="torch intra-op threads in each measuring process (default: "
-                        "torch's, one per core; use 1 on a machine shared with other jobs)")
-    parser.add_argument("--json", help="also write the raw measurements here")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    add_common_arguments(parser)
     args = parser.parse_args()
-    if args.worker:
-        emit(worker(json.loads(args.worker)))
+    if served_as_worker(args, worker):
         return
     count = args.images or (20 if args.quick else 100)
     height, width = (int(v) for v in (args.size or ("512x1024" if args.quick else "1024x2048")).split("x"))

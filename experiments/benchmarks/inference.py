@@ -24,7 +24,6 @@ told to return freed blocks at once; ``torch.cuda.max_memory_allocated`` on CUDA
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -35,8 +34,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (MB, PeakMemory, describe, emit, machine, markdown_table, median, run_worker,  # noqa: E402
-                    synchronize, unbuffered_host_allocations, write_json)
+from common import (MB, PeakMemory, add_common_arguments, describe, machine,  # noqa: E402
+                    markdown_table, median, run_worker, served_as_worker, synchronize,
+                    unbuffered_host_allocations, write_json)
 import rpl  # noqa: E402
 from rpl.models import DeepLabV3Plus  # noqa: E402
 from rpl.wrapping import extract_logits  # noqa: E402
@@ -118,13 +118,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, help="timed calls of each variant per process (default 5, quick 3)")
     parser.add_argument("--compile", metavar="MODE", help="torch.compile both models with this mode (default, "
                         "reduce-overhead = CUDA graphs on GPU, max-autotune); off unless given")
-    parser.add_argument("--threads", type=int, help="torch intra-op threads in each measuring process (default: "
-                        "torch's, one per core; use 1 on a machine shared with other jobs)")
-    parser.add_argument("--json", help="also write the raw measurements here")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    add_common_arguments(parser)
     args = parser.parse_args()
-    if args.worker:
-        emit(worker(json.loads(args.worker)))
+    if served_as_worker(args, worker):
         return
     rounds = args.rounds or (1 if args.quick else 3)
     repeats = args.repeats or (3 if args.quick else 5)

@@ -26,7 +26,6 @@ and batch: host RSS high-water mark on CPU, ``torch.cuda.max_memory_allocated`` 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -37,8 +36,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import (MB, PeakMemory, describe, emit, machine, markdown_table, median, run_worker,  # noqa: E402
-                    time_calls, write_json)
+from common import (MB, PeakMemory, add_common_arguments, describe, machine,  # noqa: E402
+                    markdown_table, median, run_worker, served_as_worker, time_calls,
+                    write_json)
 from rpl.config import Config  # noqa: E402
 from rpl.losses import LossWeights, rpl_loss  # noqa: E402
 from rpl.training import (Dist, Progress, Trainer, amp_settings, build_wrapped, parameter_groups,  # noqa: E402
@@ -182,13 +182,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, help="street crops per step (default 8, quick 2); as many context images")
     parser.add_argument("--setups", default="auto", help="comma-separated among " + ", ".join(SETUPS) +
                         " (default: cpu-embedded, plus gpu-resnet101 when CUDA is available)")
-    parser.add_argument("--threads", type=int, help="torch intra-op threads in each measuring process (default: "
-                        "torch's, one per core; use 1 on a machine shared with other jobs)")
-    parser.add_argument("--json", help="also write the raw measurements here")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    add_common_arguments(parser)
     args = parser.parse_args()
-    if args.worker:
-        emit(worker(json.loads(args.worker)))
+    if served_as_worker(args, worker):
         return
     rounds = args.rounds or (1 if args.quick else 3)
     repeats = args.repeats or (3 if args.quick else 5)

@@ -30,7 +30,7 @@ import rpl
 from rpl.cli.common import add_debug_flag, run_command
 from rpl.data.registry import dataset_names
 from rpl.errors import RPLInputError
-from rpl.evaluation import (EvalOptions, Evaluator, Preprocess, check_methods, open_datasets,
+from rpl.evaluation import (COMPILE_MODES, EvalOptions, Evaluator, Preprocess, check_methods, open_datasets,
                             sanitize)
 from rpl.models.loading import SegmenterSpec
 
@@ -93,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     run = p.add_argument_group("running")
     run.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     run.add_argument("--amp", action="store_true", help="mixed precision forward (bf16, fp16 on older GPUs)")
-    run.add_argument("--compile", choices=("default", "reduce-overhead", "max-autotune"),
+    run.add_argument("--compile", choices=COMPILE_MODES,
                      help="torch.compile the forward with this mode (reduce-overhead uses CUDA graphs on GPU); "
                           "the first images pay the compile time")
     run.add_argument("--batch-size", type=int, default=1)
