@@ -100,6 +100,9 @@ def main(argv=None) -> int:
                                   "to continue a run whose time budget ran out")
     p.add_argument("--workers", type=int, default=0, help="loader processes (data is in memory)")
     args = p.parse_args(argv)
+    if args.init and not Path(args.init).is_file():
+        print(f"--init {args.init}: no such file; expected a .safetensors this script wrote.", file=sys.stderr)
+        return 2
 
     torch.manual_seed(args.seed)
     root = Path(args.data_root)
