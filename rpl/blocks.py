@@ -6,7 +6,7 @@ segmenter gets a small block. The block reads the deep feature ``f`` and returns
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
 import torch

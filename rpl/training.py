@@ -19,7 +19,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Sampler
@@ -144,12 +143,15 @@ def prepare_datasets(cfg: Config, d: Dist) -> tuple[Any, Any]:
     from rpl.data.training import OutlierExposureDataset
 
     root = Path(cfg.data.root)
-    if cfg.data.generate_synthstreets and not cfg.data_path("inliers").exists():
+    if cfg.data.generate_synthstreets:
         if d.main:
-            from rpl.data.synthstreets import generate
+            from rpl.data.synthstreets import generate, regenerate_if_outdated
 
-            print(f"SynthStreets not found under {root}: generating it (once).")
-            generate(root, seed=0)
+            if not cfg.data_path("inliers").exists():
+                print(f"SynthStreets not found under {root}: generating it (once).")
+                generate(root, seed=0)
+            else:
+                regenerate_if_outdated(root)
         d.barrier()
     inliers = list_cityscapes(cfg.data_path("inliers"), cfg.data.train_split)
     val_inliers = list_cityscapes(cfg.data_path("inliers"), cfg.data.val_split)

@@ -397,3 +397,17 @@ def test_wandb_logging_is_optional(world, tmp_path, monkeypatch, capsys):
     assert logged["results"]["data"][0][:2] == ["synthstreets-anomaly", "energy"]
     assert "synthstreets-anomaly/energy/auroc" in logged
     assert [c for _, _, c in logged["overlays"]] == [f"synthstreets-anomaly / energy / frame_{i:03d}" for i in range(2)]
+
+
+def test_embedded_test_sets_of_an_older_generator_are_regenerated(tmp_path):
+    from rpl.cli.eval import ensure_synthstreets
+    from rpl.data.synthstreets import GENERATOR_VERSION, generate, read_manifest
+
+    root = tmp_path / "synth"
+    generate(root, seed=1, size=(64, 128), scale=0.005, workers=1)
+    manifest = read_manifest(root)
+    (root / "synthstreets.json").write_text(json.dumps({**manifest, "version": "0"}))
+    ensure_synthstreets(root, ["synthstreets-rural"])
+    regenerated = read_manifest(root)
+    assert regenerated["version"] == GENERATOR_VERSION
+    assert (regenerated["seed"], regenerated["size"], regenerated["scale"]) == (1, [64, 128], 0.005)

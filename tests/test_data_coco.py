@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from pycocotools import mask as mask_api
 
+import rpl.data.coco as coco_module
 from rpl.cli.data import main as rpl_data_main
 from rpl.data.coco import MANIFEST_NAME, load_ood_manifest, prepare_coco_ood
 from rpl.data.io import read_label, write_image
@@ -132,7 +133,7 @@ def test_min_size_applies_to_height_and_width(coco: dict, tmp_path: Path) -> Non
     assert manifest["counts"]["too_small"] == 1
 
 
-def test_resume_and_reuse(coco: dict, tmp_path: Path) -> None:
+def test_resume_and_reuse(coco: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "cache"
     prepare(coco, out)
     first = {p.name: p.read_bytes() for p in out.iterdir()}
@@ -148,9 +149,40 @@ def test_resume_and_reuse(coco: dict, tmp_path: Path) -> None:
 
     # A complete cache is returned as is: nothing rewritten, no annotation parsing (no warnings).
     mtimes = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
-    (coco["root"] / "annotations" / "instances_train2017.json").write_text("not json")
-    assert prepare_coco_ood(coco["root"], out, min_size=MIN_SIZE) == out
+    with monkeypatch.context() as m:
+        m.setattr(coco_module, "_load_annotations", lambda path: pytest.fail("annotations parsed again"))
+        assert prepare_coco_ood(coco["root"], out, min_size=MIN_SIZE) == out
     assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == mtimes
+
+
+def test_changed_annotations_rebuild_every_mask(coco: dict, tmp_path: Path) -> None:
+    """A regenerated annotation file (same source folder, same names) must not reuse old masks."""
+    out = tmp_path / "cache"
+    prepare(coco, out)
+    ann_file = coco["root"] / "annotations" / "instances_train2017.json"
+    data = json.loads(ann_file.read_text())
+    for ann in data["annotations"]:
+        if ann["image_id"] == 8:  # "crowd": now a single rectangle
+            ann.update(iscrowd=0, segmentation=[rect_polygon(0, 0, 4, 4)])
+    ann_file.write_text(json.dumps(data))
+    (out / "poly.png").unlink()  # and the previous build was interrupted
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    (out / MANIFEST_NAME).write_text(json.dumps({**manifest, "images": []}))
+    with pytest.warns(UserWarning):
+        prepare_coco_ood(coco["root"], out, min_size=MIN_SIZE)
+    np.testing.assert_array_equal(read_label(out / "crowd.png"), np.where(rect_mask(0, 0, 4, 4), 254, 0))
+    np.testing.assert_array_equal(read_label(out / "poly.png"), np.where(coco["expected"]["poly"], 254, 0))
+    rebuilt = json.loads((out / MANIFEST_NAME).read_text())
+    assert rebuilt["annotations_sha256"] != manifest["annotations_sha256"] and "pending" not in rebuilt
+
+    # Interrupted after the digest changed: the pending manifest keeps the masks built so far.
+    crowd_mtime = (out / "crowd.png").stat().st_mtime_ns
+    (out / "poly.png").unlink()
+    (out / MANIFEST_NAME).write_text(json.dumps({k: v for k, v in rebuilt.items() if k not in ("images", "counts")}
+                                                | {"pending": True}))
+    with pytest.warns(UserWarning):
+        prepare_coco_ood(coco["root"], out, min_size=MIN_SIZE)
+    assert (out / "crowd.png").stat().st_mtime_ns == crowd_mtime and (out / "poly.png").is_file()
 
 
 def test_cache_of_another_source_is_refused(coco: dict, tmp_path: Path) -> None:

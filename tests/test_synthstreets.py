@@ -12,7 +12,9 @@ from rpl.data.anomaly import MaskFolderDataset
 from rpl.data.cityscapes import CityscapesSegmentation, list_cityscapes
 from rpl.data.io import read_image, read_label
 from rpl.data.synthstreets import (ANOMALY_KINDS, ANOMALY_TEXTURES, CLASS_NAMES, GENERATED_CLASSES, OE_CATEGORIES,
-                                   OE_TEXTURES, generate, image_counts, is_generated, read_manifest, render_street)
+                                   OE_TEXTURES, generate, image_counts, is_generated, read_manifest,
+                                   regenerate_if_outdated, render_street)
+from rpl.data.synthstreets import oe
 from rpl.data.synthstreets.classes import ANOMALY, ROAD, VOID
 from rpl.data.synthstreets.coco_format import rle_uncompressed
 from rpl.data.synthstreets.generate import ANOMALY_SETS, _street
@@ -185,6 +187,37 @@ def test_regenerating_replaces_the_previous_world(tmp_path):
     generate(out, seed=2, size=(64, 128), scale=0.005, workers=1)
     assert len(list((out / "cityscapes" / "leftImg8bit" / "train").rglob("*.png"))) == image_counts(0.005)["train"]
     assert read_image(next((out / "synthstreets-rural" / "images").glob("*.png"))).shape == (64, 128, 3)
+
+
+def test_an_older_generator_version_is_regenerated_with_its_own_parameters(tmp_path):
+    out = tmp_path / "w"
+    generate(out, seed=3, size=(64, 128), scale=0.005, workers=1)
+    assert not regenerate_if_outdated(out)  # current: untouched
+    manifest_path = out / "synthstreets.json"
+    manifest = json.loads(manifest_path.read_text())
+    first = _files(out)
+    manifest_path.write_text(json.dumps({**manifest, "version": "0"}))
+    (out / "coco" / "train2017" / "000000000001.jpg").write_bytes(b"an older picture")
+    assert regenerate_if_outdated(out)
+    assert _files(out) == first and is_generated(out, seed=3, size=(64, 128), scale=0.005)
+    assert not regenerate_if_outdated(tmp_path / "nothing here")
+
+
+def test_outlier_pictures_are_indoor_and_outdoor(monkeypatch):
+    """COCO-like variety of backgrounds for CoroCL's context pool: both backdrops occur, all background 0."""
+    calls = {"indoor": 0, "outdoor": 0}
+    for name in calls:
+        original = getattr(oe, f"_{name}")
+
+        def counted(c, rng, name=name, original=original):
+            calls[name] += 1
+            return original(c, rng)
+        monkeypatch.setattr(oe, f"_{name}", counted)
+    for i in range(24):
+        image, label, instances = oe.render_oe_image(np.random.default_rng(i))
+        assert image.dtype == np.uint8 and label[0].max() == 0  # the top row is backdrop, label 0
+        assert set(np.unique(label)) <= {0} | {v for v, _, _ in instances}
+    assert calls["indoor"] >= 6 and calls["outdoor"] >= 6
 
 
 @pytest.mark.parametrize("kwargs, option", [

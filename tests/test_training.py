@@ -170,3 +170,39 @@ def test_nonfinite_losses_are_skipped_then_stop_with_advice(world, tmp_path, cap
     err = capsys.readouterr().err
     assert code == 2
     assert "NaN/inf for 2 consecutive steps" in err and "optim.lr" in err and "Traceback" not in err
+
+
+def test_outdated_synthstreets_is_regenerated_and_its_outlier_masks_rebuilt(tmp_path, monkeypatch):
+    """A world from an older generator version is regenerated before training, and the outlier-mask
+    cache built from its old annotations is rebuilt rather than reused."""
+    import numpy as np
+
+    from rpl.config import Config
+    from rpl.data.io import read_label, write_label
+    from rpl.data.synthstreets import GENERATOR_VERSION, generate, read_manifest
+    from rpl.training import Dist, prepare_datasets
+
+    root = tmp_path / "synth"
+    generate(root, seed=0, size=(64, 128), scale=0.02, workers=1)
+    cfg = Config()
+    cfg.data.root, cfg.data.coco_min_size = str(root), 16
+    prepare_datasets(cfg, Dist())
+    cache = root / cfg.data.ood_cache
+    fresh = {p.name: read_label(p) for p in sorted(cache.glob("*.png"))}
+    assert fresh
+
+    manifest = json.loads((root / "synthstreets.json").read_text())
+    (root / "synthstreets.json").write_text(json.dumps({**manifest, "version": "0"}))
+    for name in fresh:  # what an older generation's masks would be: other objects
+        write_label(cache / name, np.zeros_like(fresh[name]))
+    # an older annotation file: the cache must not trust its masks for the regenerated one
+    cache_manifest = json.loads((cache / "manifest.json").read_text())
+    (cache / "manifest.json").write_text(json.dumps({**cache_manifest, "annotations_sha256": "0" * 64}))
+
+    train, _ = prepare_datasets(cfg, Dist())
+    assert read_manifest(root)["version"] == GENERATOR_VERSION
+    rebuilt = {p.name: read_label(p) for p in sorted(cache.glob("*.png"))}
+    assert rebuilt.keys() == fresh.keys()
+    for name in fresh:
+        np.testing.assert_array_equal(rebuilt[name], fresh[name])
+    assert len(train) == len(list((root / "cityscapes" / "leftImg8bit" / "train").rglob("*.png")))

@@ -69,7 +69,6 @@ def worker(method: str, n: int) -> dict:
         base = rss_bytes()
         t0 = time.perf_counter()
         auroc = roc_auc_score(labels, scores)
-        t1 = time.perf_counter()
         ap = average_precision_score(labels, scores)
         t2 = time.perf_counter()
         peak_two = peak_bytes() - base

@@ -279,12 +279,13 @@ def ensure_synthstreets(root: Path, names: Sequence[str]) -> None:
     from rpl.data.registry import dataset_info
 
     try:
-        from rpl.data.synthstreets import generate, read_manifest
+        from rpl.data.synthstreets import generate, read_manifest, regenerate_if_outdated
     except ImportError as err:
         raise RPLInputError(f"the SynthStreets generator cannot be imported ({err}), so the embedded test sets "
                             f"under {root} cannot be checked or created; pass --data-root DIR with the "
                             "datasets.") from None
     if read_manifest(root) is not None and all((root / dataset_info(n).folder).is_dir() for n in names):
+        regenerate_if_outdated(root)
         return
     print(f"rpl-eval: generating the SynthStreets data sets into {root} (once)...", file=sys.stderr)
     generate(root, seed=0)

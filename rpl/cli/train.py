@@ -5,7 +5,6 @@ Launch on several GPUs (or CPU processes) with ``torchrun --nproc_per_node N -m 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from typing import Sequence
 

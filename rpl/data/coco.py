@@ -20,6 +20,7 @@ cannot be rasterised (no segmentation, wrong RLE size) is skipped and counted.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import warnings
@@ -38,7 +39,7 @@ EXCLUDED_CATEGORIES = (
     "person", "bicycle", "car", "motorcycle", "bus", "truck", "traffic light", "stop sign",
 )
 MANIFEST_NAME = "manifest.json"
-MANIFEST_FORMAT = "rpl-coco-ood/1"
+MANIFEST_FORMAT = "rpl-coco-ood/2"  # 2: records the annotation file's digest
 _TMP_SUFFIX = ".rpltmp"
 
 
@@ -82,12 +83,22 @@ def _load_annotations(ann_file: Path) -> dict[str, Any]:
     return data
 
 
-def _manifest_params(coco_root: Path, split: str, min_size: int) -> dict[str, Any]:
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file, read in chunks (about a second for COCO's 450 MB annotation file)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _manifest_params(coco_root: Path, split: str, min_size: int, ann_file: Path) -> dict[str, Any]:
     """The parameters a cache must match to be reused as is."""
     return {
         "format": MANIFEST_FORMAT,
         "source_root": str(coco_root.resolve()),
         "split": split,
+        "annotations_sha256": file_digest(ann_file),
         "rules": {
             "excluded_categories": list(EXCLUDED_CATEGORIES),
             "min_size": int(min_size),
@@ -186,14 +197,16 @@ def prepare_coco_ood(coco_root: str | os.PathLike, out_dir: str | os.PathLike, s
 
     Resumable: masks are written atomically, so a re-run after an interruption keeps every mask
     already on disk and writes only the rest; the manifest is written last. If the manifest already
-    matches these parameters, nothing is read or written. Masks depend only on the annotations, so
-    point a changed annotation file at a fresh ``out_dir``.
+    matches these parameters (including the annotation file's digest), nothing is read or written.
+    When the annotation file changed (for example a regenerated SynthStreets), the masks of the old
+    one are deleted first, so no stale mask survives; a pending manifest written before the first
+    mask records the digest an interrupted run was building for.
     """
     coco_root, out_dir = Path(coco_root), Path(out_dir)
     if min_size < 1:
         raise RPLInputError(f"min_size {min_size} is not a positive number of pixels.")
     image_dir, ann_file = _check_layout(coco_root, split)
-    params = _manifest_params(coco_root, split, min_size)
+    params = _manifest_params(coco_root, split, min_size, ann_file)
     old = _read_manifest(out_dir)
     if _manifest_matches(old, params, out_dir):
         return out_dir
@@ -240,6 +253,10 @@ def prepare_coco_ood(coco_root: str | os.PathLike, out_dir: str | os.PathLike, s
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in out_dir.glob(f".*{_TMP_SUFFIX}*"):  # leftovers of an interrupted run
         stale.unlink(missing_ok=True)
+    if old is not None and old.get("annotations_sha256") != params["annotations_sha256"]:
+        for stale in out_dir.glob("*.png"):  # our cache (it has our manifest), built from other annotations
+            stale.unlink()
+    pending = False
 
     kept: list[dict[str, str]] = []
     missing: list[str] = []
@@ -268,6 +285,9 @@ def prepare_coco_ood(coco_root: str | os.PathLike, out_dir: str | os.PathLike, s
                 if not mask.any():
                     counts["empty_mask"] += 1
                     continue
+                if not pending:  # record the digest the masks belong to; no "images", so it never matches
+                    _write_atomic_json(out_dir / MANIFEST_NAME, {**params, "pending": True})
+                    pending = True
                 _write_atomic_label(mask_path, mask)
             kept.append({"image": file_name, "mask": mask_name})
 

@@ -12,8 +12,8 @@ anomaly benchmarks, writing each in its real on-disk layout so the real loaders 
 Streets are rendered in perspective (bending road, lane markings, sidewalks, facades with windows,
 trees, poles, traffic lights and signs, cars, people) with Cityscapes train ids (the eleven classes
 in ``GENERATED_CLASSES``; the ego-vehicle hood is void 255), random light,
-palette, texture, blur and sensor noise. The outlier-exposure set shows indoor objects (crate,
-ball, lamp, ...) and, on purpose, a few pictures the Meta-OoD rules must drop (a person or a car,
+palette, texture, blur and sensor noise. The outlier-exposure set shows everyday objects (crate,
+ball, lamp, ...) indoors or outdoors (lawn, field, sand, snow), as COCO does, and, on purpose, a few pictures the Meta-OoD rules must drop (a person or a car,
 official ids 1 and 3; pictures under 480 pixels; one without annotations). The test sets hold
 anomalies whose shapes and textures occur nowhere else: ``synthstreets-anomaly`` in the training
 context, ``synthstreets-rural`` in a shifted one (dirt road, fields, farms, other light) and
@@ -24,12 +24,12 @@ Same seed, same bytes: every picture is drawn from its own ``(seed, set, index)`
 from .anomalies import ANOMALY_KINDS, ANOMALY_TEXTURES
 from .classes import CLASS_NAMES, GENERATED_CLASSES
 from .generate import (DEFAULT_COUNTS, DEFAULT_SIZE, GENERATOR_VERSION, MANIFEST, GenerationSummary, generate,
-                       image_counts, is_generated, read_manifest)
+                       image_counts, is_generated, read_manifest, regenerate_if_outdated)
 from .oe import OE_CATEGORIES, OE_TEXTURES
 from .scene import Scene, render_street
 
 __all__ = [
-    "generate", "GenerationSummary", "is_generated", "read_manifest", "image_counts", "render_street", "Scene",
+    "generate", "GenerationSummary", "is_generated", "read_manifest", "regenerate_if_outdated", "image_counts", "render_street", "Scene",
     "DEFAULT_SIZE", "DEFAULT_COUNTS", "GENERATOR_VERSION", "MANIFEST", "CLASS_NAMES", "GENERATED_CLASSES",
     "OE_CATEGORIES", "OE_TEXTURES", "ANOMALY_KINDS", "ANOMALY_TEXTURES",
 ]

@@ -30,7 +30,7 @@ from .coco_format import instance_annotation
 from .oe import EXCLUDED_DEMO_CATEGORIES, OE_CATEGORIES, OE_CATEGORY_IDS, OE_TEXTURES, render_oe_image
 from .scene import Scene, render_street
 
-GENERATOR_VERSION = "1"
+GENERATOR_VERSION = "2"
 MANIFEST = "synthstreets.json"
 DEFAULT_SIZE = (192, 384)  # (H, W)
 DEFAULT_COUNTS = {"train": 1000, "val": 60, "coco": 300, "anomaly": 60, "rural": 60, "obstacle": 60}
@@ -114,6 +114,21 @@ def is_generated(out: str | Path, seed: int = 0, size: tuple[int, int] | None = 
     return bool(m) and m.get("version") == GENERATOR_VERSION and m.get("seed") == seed and \
         m.get("size") == list(size) and m.get("scale") == scale and \
         all((Path(out) / folder).is_dir() for folder in OUTPUT_FOLDERS)
+
+
+def regenerate_if_outdated(out: str | Path) -> bool:
+    """Regenerate ``out`` with its own seed, size and scale when an older generator version wrote it.
+
+    Returns True if it regenerated. A folder without a manifest (not ours, or empty) is left alone.
+    """
+    manifest = read_manifest(out)
+    if manifest is None or manifest.get("version") == GENERATOR_VERSION:
+        return False
+    print(f"SynthStreets under {out} was written by generator version {manifest.get('version')}; "
+          f"regenerating it with version {GENERATOR_VERSION} (once).", file=sys.stderr)
+    generate(out, seed=int(manifest.get("seed", 0)), size=tuple(manifest.get("size", DEFAULT_SIZE)),
+             scale=float(manifest.get("scale", 1.0)))
+    return True
 
 
 def _prepare(out: Path) -> None:

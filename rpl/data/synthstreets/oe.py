@@ -1,4 +1,4 @@
-"""Outlier-exposure pictures: object-centric indoor shots of everyday things, in the spirit of COCO.
+"""Outlier-exposure pictures: object-centric indoor and outdoor shots of everyday things, in the spirit of COCO.
 
 Object kinds (``OE_CATEGORIES``) and surface finishes (``OE_TEXTURES``) are disjoint from the test
 anomalies (``anomalies.ANOMALY_KINDS`` / ``ANOMALY_TEXTURES``): the add-on must generalise from
@@ -136,7 +136,12 @@ DRAWERS = {"crate": crate, "ball": ball, "lamp": lamp, "chair": chair, "bottle":
            "book": book, "vase": vase}
 
 
-def _backdrop(c: Canvas, rng: np.random.Generator) -> float:
+GROUNDS = ((0.3, 0.48, 0.2), (0.45, 0.55, 0.25), (0.75, 0.68, 0.4), (0.86, 0.78, 0.6), (0.45, 0.33, 0.22),
+           (0.9, 0.92, 0.95), (0.55, 0.54, 0.5))  # lawn, meadow, straw, sand, earth, snow, gravel
+SKIES = ((0.45, 0.62, 0.88), (0.7, 0.78, 0.88), (0.8, 0.8, 0.82), (0.9, 0.75, 0.6))
+
+
+def _indoor(c: Canvas, rng: np.random.Generator) -> float:
     """A wall and a floor or table top; returns the row where they meet."""
     split = c.h * rng.uniform(0.4, 0.65)
     wall = jitter(rng, pick(rng, ((0.85, 0.82, 0.75), (0.7, 0.75, 0.78), (0.6, 0.55, 0.5), (0.9, 0.88, 0.85))))
@@ -146,6 +151,46 @@ def _backdrop(c: Canvas, rng: np.random.Generator) -> float:
     row = int(split)
     c.image[:row] = wall * tone[:row]
     c.image[row:] = floor * tone[row:]
+    return split
+
+
+def _outdoor(c: Canvas, rng: np.random.Generator) -> float:
+    """Sky over open ground (lawn, meadow, straw, sand, earth, snow or gravel), sometimes in rows
+    (ploughed, mown) and under a distant tree line: COCO's outlier pictures are as often outdoors as
+    in, and CoroCL's context pool should see that variety of backgrounds. Returns the horizon row."""
+    horizon = c.h * rng.uniform(0.3, 0.55)
+    rows = np.arange(c.h, dtype=np.float32)[:, None, None]
+    sky_top, sky_low = jitter(rng, pick(rng, SKIES)), jitter(rng, (0.88, 0.9, 0.92))
+    t = np.clip(rows / max(horizon, 1.0), 0.0, 1.0)
+    sky = sky_top * (1 - t) + sky_low * t + 0.08 * (c.coarse[..., None] - 0.5)
+    ground, patch = jitter(rng, pick(rng, GROUNDS)), jitter(rng, pick(rng, GROUNDS))
+    mix = np.clip((c.coarse - 0.6) * 5, 0, 1)[..., None] * rng.uniform(0.0, 0.8)
+    depth = np.clip((rows - horizon) / max(c.h - horizon, 1.0), 0.0, 1.0)  # texture grows towards the camera
+    grain = 1 + (0.1 + 0.25 * depth) * (c.fine[..., None] - 0.5) + 0.2 * (c.mid[..., None] - 0.5)
+    if rng.random() < 0.5:  # ploughed or mown rows in perspective, towards the camera or across
+        below = np.maximum(rows[..., 0] - horizon, 1.0)
+        if rng.random() < 0.5:
+            phase = (np.arange(c.w, dtype=np.float32)[None] - c.w * rng.uniform(0.2, 0.8)) / below
+            period = rng.uniform(0.15, 0.5)
+        else:
+            phase, period = c.h / below, rng.uniform(0.3, 1.0)
+        grain = grain * (1 + rng.uniform(0.08, 0.2) * np.cos(2 * np.pi * phase / period))[..., None]
+    earth = (ground * (1 - mix) + patch * mix) * grain * (0.85 + 0.2 * depth)
+    row = int(horizon)
+    c.image[:row] = sky[:row]
+    c.image[row:] = earth[row:]
+    if rng.random() < 0.5:  # a dark tree line standing on the horizon
+        top = horizon - c.h * rng.uniform(0.03, 0.1) * (0.6 + 0.8 * c.coarse[row, :])
+        canopy = (rows[..., 0] >= top[None]) & (rows[..., 0] < horizon)
+        leaves = jitter(rng, (0.2, 0.3, 0.15)) * (0.8 + 0.4 * c.mid[..., None])
+        c.image[canopy] = leaves[canopy]
+    return horizon
+
+
+def _backdrop(c: Canvas, rng: np.random.Generator) -> float:
+    """Indoors (wall and floor) or outdoors (sky and ground), half and half; returns the row where
+    the back plane meets the ground. Every backdrop pixel is background (0)."""
+    split = _outdoor(c, rng) if rng.random() < 0.5 else _indoor(c, rng)
     c.label[:] = 0
     return split
 
