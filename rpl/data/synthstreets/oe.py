@@ -138,6 +138,7 @@ DRAWERS = {"crate": crate, "ball": ball, "lamp": lamp, "chair": chair, "bottle":
 
 GROUNDS = ((0.3, 0.48, 0.2), (0.45, 0.55, 0.25), (0.75, 0.68, 0.4), (0.86, 0.78, 0.6), (0.45, 0.33, 0.22),
            (0.9, 0.92, 0.95), (0.55, 0.54, 0.5))  # lawn, meadow, straw, sand, earth, snow, gravel
+OUTDOOR_SHARE = 0.5  # COCO is about half indoors, half outdoors
 SKIES = ((0.45, 0.62, 0.88), (0.7, 0.78, 0.88), (0.8, 0.8, 0.82), (0.9, 0.75, 0.6))
 
 
@@ -188,9 +189,9 @@ def _outdoor(c: Canvas, rng: np.random.Generator) -> float:
 
 
 def _backdrop(c: Canvas, rng: np.random.Generator) -> float:
-    """Indoors (wall and floor) or outdoors (sky and ground), half and half; returns the row where
+    """Indoors (wall and floor) or outdoors (sky and ground, ``OUTDOOR_SHARE``); returns the row where
     the back plane meets the ground. Every backdrop pixel is background (0)."""
-    split = _outdoor(c, rng) if rng.random() < 0.5 else _indoor(c, rng)
+    split = _outdoor(c, rng) if rng.random() < OUTDOOR_SHARE else _indoor(c, rng)
     c.label[:] = 0
     return split
 
