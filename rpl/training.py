@@ -165,8 +165,9 @@ def prepare_datasets(cfg: Config, d: Dist) -> tuple[Any, Any]:
     seg = cfg.segmenter
     common = dict(mean=seg.mean or (0.0, 0.0, 0.0), std=seg.std or (1.0, 1.0, 1.0), num_classes=seg.num_classes)
     train = OutlierExposureDataset(inliers, ood_train, cfg.data.crop_size, flip_p=cfg.data.flip_p, seed=cfg.train.seed,
-                                   paste_prob=cfg.data.paste_prob, **common)
+                                   paste_prob=cfg.data.paste_prob, scales=cfg.data.paste_scales, **common)
     val = OutlierExposureDataset(val_inliers, ood_val, cfg.data.crop_size, flip_p=0.0, seed=cfg.train.seed + 7919,
+                                 scales=cfg.data.paste_scales,
                                  **common)
     return train, val
 

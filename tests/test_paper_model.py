@@ -400,6 +400,9 @@ def test_reference_recipe_config():
     assert cfg.optim.lr == 7.5e-5 and cfg.optim.last_layer_lr_mult == 10 and cfg.optim.batch_size == 8
     assert cfg.optim.epochs == 40 and cfg.optim.iterations is None and cfg.optim.poly_power == 0.9
     assert (cfg.loss.outlier, cfg.loss.contrastive, cfg.loss.temperature, cfg.loss.max_samples) == (0.05, 1.0, 0.1, 512)
+    from rpl.data.transforms import PASTE_SCALES
+    assert tuple(cfg.data.paste_scales) == PASTE_SCALES
+    assert tuple(load_config(REPO / "experiments" / "cityscapes_deeplabv3_resnet101.yaml").data.paste_scales) == PASTE_SCALES
 
 
 def test_paper_evaluation_script_uses_valid_rpl_eval_flags():

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -113,10 +112,8 @@ def test_ddp_two_processes_gloo(world, tmp_path):
     sets = overrides(world, steps=6, **{"optim.batch_size": 1, "data.paste_prob": 0.5, "train.val_every": 0,
                                         "train.checkpoint_every": 100})
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+    # --standalone: torchrun picks a free port itself (a port chosen here could be taken before it binds)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "rpl.cli.train", "--work-dir", str(work), "--quiet", *sum((["--set", s] for s in sets), [])]
     out = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
@@ -180,6 +177,7 @@ def test_outdated_synthstreets_is_regenerated_and_its_outlier_masks_rebuilt(tmp_
     from rpl.config import Config
     from rpl.data.io import read_label, write_label
     from rpl.data.synthstreets import GENERATOR_VERSION, generate, read_manifest
+    from rpl.data.transforms import PASTE_SCALES
     from rpl.training import Dist, prepare_datasets
 
     root = tmp_path / "synth"
@@ -206,3 +204,6 @@ def test_outdated_synthstreets_is_regenerated_and_its_outlier_masks_rebuilt(tmp_
     for name in fresh:
         np.testing.assert_array_equal(rebuilt[name], fresh[name])
     assert len(train) == len(list((root / "cityscapes" / "leftImg8bit" / "train").rglob("*.png")))
+    assert train.scales == tuple(cfg.data.paste_scales) == PASTE_SCALES  # the config reaches pasting
+    cfg.data.paste_scales = [0.2, 0.4]
+    assert prepare_datasets(cfg, Dist())[0].scales == (0.2, 0.4)
