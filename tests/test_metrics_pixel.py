@@ -310,24 +310,20 @@ def _all_metrics(scores, labels, rank: int = 0, world: int = 1) -> dict:
     return results
 
 
-def _sync_worker(rank: int, world: int, port: int, queue) -> None:
+def _sync_worker(rank: int, world: int, store: str, queue) -> None:
     import torch.distributed as dist
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     scores, labels = smooth_score_maps(4, seed=9, h=64, w=128)
     queue.put((rank, _all_metrics(scores, labels, rank, world)))
     dist.destroy_process_group()
 
 
-def test_sync_over_two_processes_equals_one_process():
-    import socket
+def test_sync_over_two_processes_equals_one_process(tmp_path):
     import torch.multiprocessing as mp
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    procs = [ctx.Process(target=_sync_worker, args=(r, 2, port, queue)) for r in range(2)]
+    store = str(tmp_path / "store")  # file rendezvous: no port that another process could take first
+    procs = [ctx.Process(target=_sync_worker, args=(r, 2, store, queue)) for r in range(2)]
     for p in procs:
         p.start()
     results = dict(queue.get(timeout=300) for _ in procs)
