@@ -71,7 +71,7 @@ class LossConfig:
     ce: float = 1.0
     entropy: float = 1.0
     outlier: float = 0.05
-    contrastive: float = 1.0
+    contrastive: float = 2.0  # reference 1.0; the embedded default weighs CoroCL twice (README: why)
     energy_loss: str = "hinge"
     temperature: float = 0.10
     max_samples: int = 512
