@@ -28,8 +28,9 @@ component metrics need host copies by their nature. Per dataset:
   anomaly (or any inlier) pixel gets a row of nulls and a note: those metrics are undefined;
 - closed-set sets (class labels, e.g. ``cityscapes-val``): one ``closed-set`` row with mIoU of
   ``argmax`` of the closed-set logits (bilinearly resized to the label size first). With a wrapped
-  model this is the frozen segmenter's mIoU by construction; the first batch is also run through
-  the bare segmenter and the row records whether both logits are bit-identical.
+  model this is the frozen segmenter's mIoU by construction. A wrapped model also runs every image
+  through the bare segmenter: a second row, ``bare segmenter``, gives the mIoU without the add-on,
+  and the first row records whether both logits are bit-identical on the first batch.
 
 Images without any valid pixel (label all 255) are counted and reported, not an error.
 """
@@ -62,6 +63,7 @@ from rpl.wrapping import RPLSegmenter, extract_logits
 METHODS = ("rpl", "energy", "msp", "maxlogit", "entropy", "mcdropout")
 POST_HOC = tuple(SCORES)
 CLOSED_SET = "closed-set"  # the method name of mIoU rows
+BARE_SEGMENTER = "bare segmenter"  # the mIoU row of a wrapped model's segmenter without the add-on
 PIXEL_MODES = ("exact", "streaming", "smiyc")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 FPR_RULES = ("first", "closest")
@@ -337,6 +339,7 @@ class _Accumulators:
     counts: torch.Tensor  # images without valid pixels, valid pixels, anomaly pixels (summed on the device)
     n_images: int = 0
     miou: MIoU | None = None
+    bare_miou: MIoU | None = None  # wrapped models: the segmenter alone
     identical: bool | None = None
     vis_left: int = 0
 
@@ -442,6 +445,8 @@ class Evaluator:
                          "255); they are counted but add nothing to the metrics.")
         if entry.class_labels:
             rows = [self._miou_row(entry.name, acc.miou, acc.identical, n_images, n_empty, notes)]
+            if acc.bare_miou is not None:
+                rows.append(self._miou_row(entry.name, acc.bare_miou, None, n_images, n_empty, notes, BARE_SEGMENTER))
         else:
             rows = self._anomaly_rows(entry.name, acc.pixel, acc.components, n_images, n_empty, n_valid, n_anomaly,
                                       notes)
@@ -462,10 +467,14 @@ class Evaluator:
         if entry.class_labels:
             if acc.miou is None:
                 acc.miou = MIoU(num_classes=logits.shape[1])
-                if self.wrapped:  # the closed-set half of the wrapped forward vs the bare segmenter
-                    with self._autocast():
+            if self.wrapped:  # the same images through the bare segmenter: mIoU without the add-on
+                with self._autocast():
+                    bare = extract_logits(self.segmenter(x))
+                    if acc.bare_miou is None:  # first batch: the closed-set half of the (eager) wrapped forward
                         eager = logits if self.forward_model is self.model else self.model(x).logits
-                        acc.identical = bool(torch.equal(extract_logits(self.segmenter(x)), eager))
+                        acc.identical = bool(torch.equal(bare, eager))
+                        acc.bare_miou = MIoU(num_classes=bare.shape[1])
+                acc.bare_miou.update(resize_logits(bare, labels.shape[-2:]).argmax(1), labels)
             acc.miou.update(resize_logits(logits, labels.shape[-2:]).argmax(1), labels)
             return
         scores = {m: resize_scores(s, labels.shape[-2:]) for m, s in self.scores(x, logits, out).items()}
@@ -487,8 +496,8 @@ class Evaluator:
 
     @staticmethod
     def _miou_row(name: str, miou: MIoU | None, identical: bool | None, n_images: int, n_empty: int,
-                  notes: list[str]) -> dict[str, Any]:
-        row: dict[str, Any] = {"dataset": name, "method": CLOSED_SET, "auroc": None, "ap": None, "fpr95": None,
+                  notes: list[str], method: str = CLOSED_SET) -> dict[str, Any]:
+        row: dict[str, Any] = {"dataset": name, "method": method, "auroc": None, "ap": None, "fpr95": None,
                                "miou": None, "pixel_accuracy": None, "identical_to_segmenter": identical,
                                "n_images": n_images, "n_empty_images": n_empty}
         try:
@@ -498,7 +507,7 @@ class Evaluator:
             row.update(miou=m["miou"], pixel_accuracy=m["pixel_accuracy"], n_pixels=m["n_pixels"],
                        iou_per_class=m["iou_per_class"])
         except RPLInputError as err:
-            notes.append(f"Dataset {name!r}: mIoU is undefined and reported as null ({err}).")
+            notes.append(f"Dataset {name!r}: mIoU ({method}) is undefined and reported as null ({err}).")
         if identical is False:
             notes.append(f"Dataset {name!r}: the wrapped model's closed-set logits differ from the bare segmenter's on "
                          "the first batch; the reported mIoU is the wrapped model's.")

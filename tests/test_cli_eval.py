@@ -126,7 +126,8 @@ def test_json_csv_markdown_and_numbers_equal_sklearn(world, tmp_path, capsys):
     assert doc["segmenter"]["weights"] == "segmenter.safetensors"
     rows = {(r["dataset"], r["method"]): r for r in doc["results"]}
     methods = ["rpl", "energy", "msp", "maxlogit", "entropy"]
-    assert list(rows) == [("synthstreets-anomaly", m) for m in methods] + [("cityscapes-val", "closed-set")]
+    assert list(rows) == [("synthstreets-anomaly", m) for m in methods] + [("cityscapes-val", "closed-set"),
+                                                                                   ("cityscapes-val", "bare segmenter")]
 
     scores, labels = direct_scores(load_wrapped(world), world.data / "synthstreets-anomaly")
     for m in methods:
@@ -148,8 +149,11 @@ def test_json_csv_markdown_and_numbers_equal_sklearn(world, tmp_path, capsys):
     markdown = (out / "r.md").read_text()
     assert f"| synthstreets-anomaly | rpl | {100 * rows['synthstreets-anomaly', 'rpl']['auroc']:.2f} |" in markdown
     assert not list(out.glob(".*tmp*"))  # written atomically, temp files renamed away
+    bare = rows["cityscapes-val", "bare segmenter"]
+    assert bare["miou"] == miou_row["miou"] and bare["identical_to_segmenter"] is None  # mIoU without the add-on
+    assert f"| cityscapes-val | bare segmenter | - | - | - | {100 * bare['miou']:.2f} |" in markdown
     shown = capsys.readouterr().out
-    assert "synthstreets-anomaly" in shown and "closed-set" in shown and "mIoU" in shown
+    assert "synthstreets-anomaly" in shown and "closed-set" in shown and "bare segmenter" in shown and "mIoU" in shown
 
 
 def test_components_and_preprocessing_options(world, tmp_path):

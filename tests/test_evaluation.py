@@ -8,9 +8,10 @@ import torch.nn.functional as F
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 import rpl
+from rpl import evaluation
 from rpl.errors import RPLInputError
-from rpl.evaluation import (CLOSED_SET, DatasetEntry, EvalOptions, Evaluator, Preprocess, collate, dropout_copy,
-                            evaluate)
+from rpl.evaluation import (BARE_SEGMENTER, CLOSED_SET, DatasetEntry, EvalOptions, Evaluator, Preprocess, collate,
+                            dropout_copy, evaluate)
 from rpl.scores import SCORES, entropy, smooth
 from rpl.visualize import file_stem, normalise, overlay
 from models_for_tests import ToySegmenter, randomize_bn
@@ -176,7 +177,7 @@ def test_empty_images_are_counted_and_undefined_datasets_give_nulls(wrapped):
     assert not only_undefined.defined()
 
 
-def test_closed_set_miou_equals_confusion_of_bare_segmenter(wrapped):
+def test_closed_set_miou_equals_confusion_of_bare_segmenter(wrapped, monkeypatch):
     rng = np.random.default_rng(0)
     samples = []
     for i in range(2):
@@ -186,8 +187,9 @@ def test_closed_set_miou_equals_confusion_of_bare_segmenter(wrapped):
         samples.append(s)
     report = evaluate(wrapped, [_entry(samples, "classes", track=None, class_labels=True)],
                       options=EvalOptions(methods=("rpl", "energy"), progress=False))
-    (row,) = report.results
+    row, bare_row = report.results
     assert row["method"] == CLOSED_SET and row["identical_to_segmenter"] is True
+    assert bare_row["method"] == BARE_SEGMENTER and bare_row["identical_to_segmenter"] is None
     conf = np.zeros((5, 5), np.int64)
     for s in samples:
         x = (torch.from_numpy(s["image"]).permute(2, 0, 1)[None].float() / 255 -
@@ -199,6 +201,14 @@ def test_closed_set_miou_equals_confusion_of_bare_segmenter(wrapped):
     inter = np.diag(conf)
     union = conf.sum(0) + conf.sum(1) - inter
     assert row["miou"] == pytest.approx(np.mean(inter[union > 0] / union[union > 0]), abs=1e-12)
+    assert bare_row["miou"] == row["miou"] and bare_row["iou_per_class"] == row["iou_per_class"]
+
+    # The bare row is measured on the bare segmenter's own logits, not copied from the wrapped ones.
+    with monkeypatch.context() as m:
+        m.setattr(evaluation, "extract_logits", lambda out: torch.roll(out, 1, dims=1))  # only the bare path
+        row, bare_row = evaluate(wrapped, [_entry(samples, "classes", track=None, class_labels=True)],
+                                 options=EvalOptions(methods=("energy",), progress=False)).results
+    assert row["identical_to_segmenter"] is False and row["miou"] != bare_row["miou"]
 
 
 def test_mcdropout_uses_a_copy_with_only_dropout_in_train_mode(wrapped):
@@ -317,7 +327,7 @@ def test_compiled_forward_scores_like_eager(wrapped):
         assert a["method"] == b["method"]
         assert b["auroc"] == pytest.approx(a["auroc"], abs=1e-6) and b["ap"] == pytest.approx(a["ap"], abs=1e-6)
     classes = [dict(s, label=np.where(s["label"] == 255, 255, s["label"] % 5).astype(np.uint8)) for s in samples]
-    row, = evaluate(wrapped, [_entry(classes, "classes", track=None, class_labels=True)],
+    row, _ = evaluate(wrapped, [_entry(classes, "classes", track=None, class_labels=True)],
                     options=EvalOptions(**options, compile="default", compile_backend="aot_eager")).results
     assert row["identical_to_segmenter"] is True
     with pytest.raises(RPLInputError, match="--compile"):

@@ -30,8 +30,8 @@ import rpl
 from rpl.cli.common import add_debug_flag, run_command
 from rpl.data.registry import dataset_names
 from rpl.errors import RPLInputError
-from rpl.evaluation import (COMPILE_MODES, EvalOptions, Evaluator, Preprocess, check_methods, open_datasets,
-                            sanitize)
+from rpl.evaluation import (BARE_SEGMENTER, CLOSED_SET, COMPILE_MODES, EvalOptions, Evaluator, Preprocess,
+                            check_methods, open_datasets, sanitize)
 from rpl.models.loading import SegmenterSpec
 
 WEIGHTS_DIR = Path(rpl.__file__).resolve().parent.parent / "weights"
@@ -306,7 +306,7 @@ def table_columns(results: list[dict[str, Any]], components: bool) -> list[tuple
 
 
 def _cell(row: dict[str, Any], key: str) -> str:
-    if key not in row or (row.get("method") == "closed-set" and key != "miou"):
+    if key not in row or (row.get("method") in (CLOSED_SET, BARE_SEGMENTER) and key != "miou"):
         return "-"
     return _pct(row[key])
 
