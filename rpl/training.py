@@ -163,11 +163,11 @@ def prepare_datasets(cfg: Config, d: Dist) -> tuple[Any, Any]:
     n_val = min(len(ood) - 1, max(1, math.ceil(cfg.data.ood_val_fraction * len(ood)))) if len(ood) > 1 else 0
     ood_train, ood_val = (ood[:-n_val], ood[-n_val:]) if n_val else (ood, ood)
     seg = cfg.segmenter
-    common = dict(mean=seg.mean or (0.0, 0.0, 0.0), std=seg.std or (1.0, 1.0, 1.0), num_classes=seg.num_classes)
+    common = dict(mean=seg.mean or (0.0, 0.0, 0.0), std=seg.std or (1.0, 1.0, 1.0), num_classes=seg.num_classes,
+                  scales=cfg.data.paste_scales)
     train = OutlierExposureDataset(inliers, ood_train, cfg.data.crop_size, flip_p=cfg.data.flip_p, seed=cfg.train.seed,
-                                   paste_prob=cfg.data.paste_prob, scales=cfg.data.paste_scales, **common)
+                                   paste_prob=cfg.data.paste_prob, **common)
     val = OutlierExposureDataset(val_inliers, ood_val, cfg.data.crop_size, flip_p=0.0, seed=cfg.train.seed + 7919,
-                                 scales=cfg.data.paste_scales,
                                  **common)
     return train, val
 

@@ -201,6 +201,10 @@ def test_an_older_generator_version_is_regenerated_with_its_own_parameters(tmp_p
     assert regenerate_if_outdated(out)
     assert _files(out) == first and is_generated(out, seed=3, size=(64, 128), scale=0.005)
     assert not regenerate_if_outdated(tmp_path / "nothing here")
+    manifest_path.write_text(json.dumps({**manifest, "version": "0", "seed": "three"}))
+    with pytest.raises(RPLInputError, match="synthstreets.json records parameters"):
+        regenerate_if_outdated(out)
+    assert _files(out).keys() - {"synthstreets.json"} == first.keys() - {"synthstreets.json"}  # nothing deleted
 
 
 def test_outlier_pictures_are_indoor_and_outdoor(monkeypatch):

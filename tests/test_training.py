@@ -137,6 +137,8 @@ def test_bad_inputs_exit_2(world, tmp_path, capsys):
     assert str(empty) in capsys.readouterr().err
     assert train_main(args("optim.lrr=1")) == 2
     assert "optim.lrr" in capsys.readouterr().err
+    assert train_main(args("data.paste_scales=[0.5, 0]")) == 2
+    assert "data.paste_scales" in capsys.readouterr().err
     bad_yaml = tmp_path / "bad.yaml"
     bad_yaml.write_text("optim:\n  batch_size: eight\n")
     assert train_main(["--config", str(bad_yaml), "--print-config"]) == 2

@@ -87,7 +87,8 @@ class OutlierExposureDataset(Dataset):
             raise RPLInputError(f"paste probability {paste_prob} is invalid; expected a value in [0, 1].")
         self.paste_prob = float(paste_prob)
         if not scales or any(s <= 0 for s in scales):
-            raise RPLInputError(f"paste scales {tuple(scales)} are invalid; expected positive factors.")
+            raise RPLInputError(f"paste scales {tuple(scales)} are invalid (data.paste_scales in an rpl-train "
+                                "config); expected one or more positive factors.")
         self.flip_p, self.seed, self.num_classes = float(flip_p), int(seed), int(num_classes)
         self.mean, self.std, self.scales = tuple(mean), tuple(std), tuple(scales)
         # Shared memory, so persistent workers see set_epoch; each process caches its assignment.

@@ -13,8 +13,9 @@ Streets are rendered in perspective (bending road, lane markings, sidewalks, fac
 trees, poles, traffic lights and signs, cars, people) with Cityscapes train ids (the eleven classes
 in ``GENERATED_CLASSES``; the ego-vehicle hood is void 255), random light,
 palette, texture, blur and sensor noise. The outlier-exposure set shows everyday objects (crate,
-ball, lamp, ...) indoors or outdoors (lawn, field, sand, snow), as COCO does, and, on purpose, a few pictures the Meta-OoD rules must drop (a person or a car,
-official ids 1 and 3; pictures under 480 pixels; one without annotations). The test sets hold
+ball, lamp, ...) indoors or outdoors (lawn, field, sand, snow), as COCO does, and, on purpose, a
+few pictures the Meta-OoD rules must drop (a person or a car, official ids 1 and 3; pictures under
+480 pixels; one without annotations). The test sets hold
 anomalies whose shapes and textures occur nowhere else: ``synthstreets-anomaly`` in the training
 context, ``synthstreets-rural`` in a shifted one (dirt road, fields, farms, other light) and
 ``synthstreets-obstacle`` with the road as region of interest (off-road pixels 255).
@@ -29,7 +30,8 @@ from .oe import OE_CATEGORIES, OE_TEXTURES
 from .scene import Scene, render_street
 
 __all__ = [
-    "generate", "GenerationSummary", "is_generated", "read_manifest", "regenerate_if_outdated", "image_counts", "render_street", "Scene",
+    "generate", "GenerationSummary", "is_generated", "read_manifest", "regenerate_if_outdated", "image_counts",
+    "render_street", "Scene",
     "DEFAULT_SIZE", "DEFAULT_COUNTS", "GENERATOR_VERSION", "MANIFEST", "CLASS_NAMES", "GENERATED_CLASSES",
     "OE_CATEGORIES", "OE_TEXTURES", "ANOMALY_KINDS", "ANOMALY_TEXTURES",
 ]

@@ -126,8 +126,12 @@ def regenerate_if_outdated(out: str | Path) -> bool:
         return False
     print(f"SynthStreets under {out} was written by generator version {manifest.get('version')}; "
           f"regenerating it with version {GENERATOR_VERSION} (once).", file=sys.stderr)
-    generate(out, seed=int(manifest.get("seed", 0)), size=tuple(manifest.get("size", DEFAULT_SIZE)),
-             scale=float(manifest.get("scale", 1.0)))
+    try:
+        _check_args(manifest.get("seed", 0), manifest.get("size"), manifest.get("scale", 1.0))
+    except RPLInputError as err:
+        raise RPLInputError(f"{Path(out) / MANIFEST} records parameters that cannot be regenerated ({err}); "
+                            "delete the folder and run again to generate SynthStreets afresh.") from None
+    generate(out, seed=manifest.get("seed", 0), size=manifest.get("size"), scale=manifest.get("scale", 1.0))
     return True
 
 
