@@ -145,13 +145,9 @@ def prepare_datasets(cfg: Config, d: Dist) -> tuple[Any, Any]:
     root = Path(cfg.data.root)
     if cfg.data.generate_synthstreets:
         if d.main:
-            from rpl.data.synthstreets import generate, regenerate_if_outdated
+            from rpl.data.synthstreets import ensure_generated
 
-            if not cfg.data_path("inliers").exists():
-                print(f"SynthStreets not found under {root}: generating it (once).")
-                generate(root, seed=0)
-            else:
-                regenerate_if_outdated(root)
+            ensure_generated(root, seed=0)
         d.barrier()
     inliers = list_cityscapes(cfg.data_path("inliers"), cfg.data.train_split)
     val_inliers = list_cityscapes(cfg.data_path("inliers"), cfg.data.val_split)

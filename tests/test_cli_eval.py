@@ -411,7 +411,7 @@ def test_embedded_test_sets_of_an_older_generator_are_regenerated(tmp_path):
     generate(root, seed=1, size=(64, 128), scale=0.005, workers=1)
     manifest = read_manifest(root)
     (root / "synthstreets.json").write_text(json.dumps({**manifest, "version": "0"}))
-    ensure_synthstreets(root, ["synthstreets-rural"])
+    ensure_synthstreets(root)
     regenerated = read_manifest(root)
     assert regenerated["version"] == GENERATOR_VERSION
     assert (regenerated["seed"], regenerated["size"], regenerated["scale"]) == (1, [64, 128], 0.005)

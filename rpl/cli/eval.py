@@ -269,26 +269,20 @@ def resolve_datasets(args: argparse.Namespace) -> tuple[list[str], Path | None]:
     if args.data_root is not None:
         return names, Path(args.data_root)
     if all(n in DEFAULT_DATASETS for n in names):
-        ensure_synthstreets(DEFAULT_DATA_ROOT, names)
+        ensure_synthstreets(DEFAULT_DATA_ROOT)
         return names, DEFAULT_DATA_ROOT
     return names, None  # the registry's error names --data-root
 
 
-def ensure_synthstreets(root: Path, names: Sequence[str]) -> None:
+def ensure_synthstreets(root: Path) -> None:
     """Generate the embedded SynthStreets world into ``root`` unless a finished generation is there."""
-    from rpl.data.registry import dataset_info
-
     try:
-        from rpl.data.synthstreets import generate, read_manifest, regenerate_if_outdated
+        from rpl.data.synthstreets import ensure_generated
     except ImportError as err:
         raise RPLInputError(f"the SynthStreets generator cannot be imported ({err}), so the embedded test sets "
                             f"under {root} cannot be checked or created; pass --data-root DIR with the "
                             "datasets.") from None
-    if read_manifest(root) is not None and all((root / dataset_info(n).folder).is_dir() for n in names):
-        regenerate_if_outdated(root)
-        return
-    print(f"rpl-eval: generating the SynthStreets data sets into {root} (once)...", file=sys.stderr)
-    generate(root, seed=0)
+    ensure_generated(root, seed=0)
 
 
 # -- reporting ---------------------------------------------------------------------------------

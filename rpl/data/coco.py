@@ -219,8 +219,9 @@ def prepare_coco_ood(coco_root: str | os.PathLike, out_dir: str | os.PathLike, s
         from pycocotools import mask as mask_api
     except ImportError:
         raise RPLInputError(
-            "Preparing COCO outlier masks needs pycocotools, which is not installed; "
-            "run `pip install pycocotools` (or `pip install rpl[coco]`)."
+            "Preparing COCO outlier masks needs pycocotools, one of rpl's install requirements, which is "
+            "not installed in this Python; run `pip install pycocotools` (or reinstall rpl with "
+            "`pip install -c constraints.txt -e .`)."
         ) from None
 
     data = _load_annotations(ann_file)
