@@ -39,9 +39,16 @@ def strip_prefix(state: dict[str, torch.Tensor], prefix: str = "module.") -> dic
     return {k.replace(prefix, "") if k.startswith(prefix) or f".{prefix}" in k else k: v for k, v in state.items()}
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     save_file(tensors, str(tmp), metadata=metadata)
+    os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates 0600; a checkpoint is as shareable as any output
     os.replace(tmp, path)
 
 

@@ -1,7 +1,7 @@
 """COCO outlier-exposure preparation: Meta-OoD image selection and union masks, cached once.
 
 The cache folder holds one PNG mask per kept image (named by the image's file stem; 254 = object,
-0 = background) and a ``manifest.json`` written last. Selection rules (Meta-OoD, DESIGN.md 1.4),
+0 = background) and a ``manifest.json`` written last. Selection rules (Meta-OoD, docs/method.md section 4),
 applied in this order and counted separately:
 
 1. ``excluded_category``: the image has an annotation of person, bicycle, car, motorcycle, bus,

@@ -141,7 +141,8 @@ def _regenerate_with_own_parameters(out: Path, manifest: dict) -> None:
     generate(out, seed=manifest.get("seed", 0), size=manifest.get("size"), scale=manifest.get("scale", 1.0))
 
 
-def ensure_generated(out: str | Path, seed: int = 0, size: tuple[int, int] | None = None, scale: float = 1.0) -> None:
+def ensure_generated(out: str | Path, seed: int = 0, size: tuple[int, int] | None = None, scale: float = 1.0,
+                     hint: str = "") -> None:
     """Make ``out`` hold a finished, current SynthStreets world (what rpl-train and rpl-eval call).
 
     - an interrupted final move of an earlier generation (see ``generate``) is completed;
@@ -151,6 +152,8 @@ def ensure_generated(out: str | Path, seed: int = 0, size: tuple[int, int] | Non
     - an unfinished one (generator output without ``synthstreets.json``, as an interrupted run of
       an older release left it): regenerated;
     - anything else (the user's own data in these layouts) is left for the loaders to check.
+
+    ``hint`` ends the message that announces a generation (the caller's option to put it elsewhere).
     """
     out = Path(out)
     _finish_interrupted_move(out)
@@ -165,10 +168,11 @@ def ensure_generated(out: str | Path, seed: int = 0, size: tuple[int, int] | Non
         return
     if _unfinished_generation(out):
         print(f"SynthStreets under {out} is unfinished (no {MANIFEST}: an earlier generation was interrupted); "
-              "generating it again.", file=sys.stderr)
+              f"generating it again{hint}.", file=sys.stderr)
         generate(out, seed=seed, size=size, scale=scale)
     elif not any((out / f).exists() for f in OUTPUT_FOLDERS):
-        print(f"SynthStreets not found under {out}: generating it (once).", file=sys.stderr)
+        print(f"SynthStreets not found under {out}: generating it (once) into {out.absolute()}{hint}.",
+              file=sys.stderr)
         generate(out, seed=seed, size=size, scale=scale)
 
 
