@@ -445,8 +445,8 @@ class Trainer:
 
     def _loss_line(self, losses: dict[str, float] | None, lr: float) -> str:
         """``step 10/150: total 14.4 ce 0.162 ... lr 4.7e-04``: the periodic log line above the bar."""
-        shown = " ".join(f"{k} {v:.3g}" for k, v in (losses or {}).items()
-                         if k in ("total", "ce", "entropy", "outlier", "contrastive"))
+        shown = " ".join(f"{k} {losses[k]:.3g}" for k in ("total", "ce", "entropy", "outlier", "contrastive")
+                         if k in (losses or {}))
         return f"step {self.progress.step}/{self.total_steps}: {shown or 'step skipped'} lr {lr:.1e}"
 
     def fit(self) -> dict[str, Any]:
@@ -477,7 +477,7 @@ class Trainer:
                         self._log(record)
                         bar.update(task, ips=ips)
                         if show:
-                            bar.console.print(self._loss_line(last, lr))
+                            bar.console.print(self._loss_line(last, lr), soft_wrap=True, highlight=False)
                         step_times.clear()
                     bar.update(task, completed=p.step)
                     val_due = cfg.train.val_every and p.step % cfg.train.val_every == 0
@@ -519,7 +519,8 @@ class Trainer:
             best = metrics.get("ap", -1.0) > self.progress.best_ap
             if self._bar is not None:
                 self._bar.console.print(f"step {self.progress.step}/{self.total_steps}: held-out val " + " ".join(
-                    f"{k.upper()} {100 * v:.2f}" for k, v in metrics.items()) + " %" + (" (best so far)" if best else ""))
+                    f"{k.upper()} {100 * v:.2f}" for k, v in metrics.items()) + " %" + (" (best so far)" if best else ""),
+                    soft_wrap=True, highlight=False)
             if best:
                 self.progress.best_ap, self.progress.best_step = metrics["ap"], self.progress.step
                 rpl.save(self.work_dir / "best.safetensors", self.model,

@@ -14,8 +14,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     syn_help = "generate the embedded SynthStreets world in the real layouts"
-    syn = sub.add_parser("synthstreets", help=syn_help, description=syn_help + " (written into OUT.partial, "
-                         "then moved to OUT when finished)", formatter_class=HelpFormatter)
+    syn = sub.add_parser("synthstreets", help=syn_help, formatter_class=HelpFormatter,
+                         description=syn_help + ".\nIt is written into DIR.partial and moved to DIR when finished, "
+                         "so an interrupted run leaves no half-written DIR.")
     syn.add_argument("--out", metavar="DIR", required=True, help="output folder (created if missing)")
     syn.add_argument("--seed", metavar="N", type=int, default=0, help="seed: same seed, same bytes")
     syn.add_argument("--size", metavar="HxW", default=None, help="street picture size (default: 192x384)")
