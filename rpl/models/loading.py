@@ -104,7 +104,7 @@ def refusal(spec: SegmenterSpec, checkpoint: Path, reason: str) -> RPLInputError
     """The one-paragraph refusal of a checkpoint's recorded segmenter, with the ways to proceed."""
     call = f"{spec.model}(**{json.dumps(spec.kwargs)[:300]})"
     return RPLInputError(
-        f"checkpoint {checkpoint}: the segmenter it records (metadata field extra.segmenter.model) was not built, "
+        f"checkpoint {checkpoint}: the segmenter it records (metadata field extra.segmenter) was not built, "
         f"because {reason} A checkpoint is data from whoever wrote it, and building its segmenter runs the named "
         f"code; nothing was imported or called. To proceed, pass your own segmenter: rpl-eval --model "
         f"package.module:factory [--model-kwargs JSON] --weights FILE (in Python rpl.load(path, segmenter)); or, "
@@ -126,7 +126,8 @@ def resolve_factory(spec: SegmenterSpec, recorded_in: str | Path | None = None,
     if recorded_in is not None and not trust_checkpoint:
         checkpoint = Path(recorded_in)
         if entry is None:
-            raise refusal(spec, checkpoint, f"{spec.model!r} is not among the factories a checkpoint may name "
+            raise refusal(spec, checkpoint, f"its factory {spec.model!r} (metadata field extra.segmenter.model) is "
+                                            "not among the factories a checkpoint may name "
                                             "(rpl.models.factories.names() lists them: rpl's models, the "
                                             "torchvision segmentation builders, timm:create_model, "
                                             "segmentation_models_pytorch architectures, transformers "
