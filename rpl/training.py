@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,7 +30,7 @@ from rpl.checkpoint import fingerprint
 from rpl.config import REPO_ROOT, Config, dump_config
 from rpl.errors import RPLInputError
 from rpl.losses import LossWeights, rpl_loss
-from rpl.models.loading import SegmenterSpec, build_segmenter
+from rpl.models.loading import SHIPPED_WEIGHTS, SegmenterSpec, build_segmenter
 
 
 class TrainingDiverged(RPLInputError):
@@ -265,12 +266,32 @@ class Trainer:
         self._wandb = self._init_wandb()
 
     # checkpoints ---------------------------------------------------------------------------
+    def _recorded_weights(self) -> str | None:
+        """The segmenter weights path to record, relative to the work dir and inside it (or the shipped
+        ``weights/``): a checkpoint may only point next to itself, so weights from elsewhere are
+        hard-linked (copied across file systems) into the work dir once."""
+        if not self.spec.weights:
+            return None
+        if getattr(self, "_weights_record", None) is None:
+            wpath = Path(self.spec.weights)
+            wpath = (wpath if wpath.is_absolute() or wpath.exists() else REPO_ROOT / wpath).resolve()
+            work = self.work_dir.resolve()
+            if not (wpath.is_relative_to(work) or wpath.is_relative_to(SHIPPED_WEIGHTS)):
+                local = work / f"segmenter{''.join(wpath.suffixes[-1:])}"
+                if not (local.exists() and local.samefile(wpath)):
+                    tmp = local.with_name(f".{local.name}.tmp{os.getpid()}")
+                    try:
+                        os.link(wpath, tmp)
+                    except OSError:
+                        shutil.copyfile(wpath, tmp)
+                    os.replace(tmp, local)
+                wpath = local
+            self._weights_record = os.path.relpath(wpath, work)
+        return self._weights_record
+
     def _extra(self, metrics: dict[str, Any] | None = None) -> dict[str, Any]:
         spec = self.spec.to_dict()
-        if spec.get("weights"):
-            wpath = Path(spec["weights"])
-            wpath = wpath if wpath.is_absolute() or wpath.exists() else REPO_ROOT / wpath
-            spec["weights"] = os.path.relpath(wpath.resolve(), self.work_dir.resolve())
+        spec["weights"] = self._recorded_weights()
         return {"segmenter": spec, "train_config": self.cfg.to_dict(), "step": self.progress.step,
                 "metrics": metrics or {}}
 

@@ -13,6 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import rpl
+import rpl.cli.eval as eval_cli
 from rpl.cli.train import main as train_main
 from rpl.config import load_config
 from rpl.training import ShardedOrder, Trainer
@@ -48,6 +50,15 @@ def test_loss_decreases_and_base_is_untouched(world, tmp_path):
     records = [json.loads(l) for l in (run / "log.jsonl").read_text().splitlines()]
     assert {"ce", "entropy", "outlier", "contrastive", "lr", "img_per_s"} <= set(records[0])
     assert any("val_ap" in r for r in records)
+    # the checkpoint loads with no flag: listed factory, segmenter weights linked next to it
+    best = run / "best.safetensors"
+    recorded = rpl.checkpoint.read_metadata(best)["extra"]["segmenter"]["weights"]
+    assert not recorded.startswith("..") and (run / recorded).samefile(world / "segmenter.safetensors")
+    loaded = rpl.from_checkpoint(best)
+    for k, v in trainer.model.segmenter.state_dict().items():
+        assert torch.equal(v, loaded.segmenter.state_dict()[k]), k
+    args = eval_cli.build_parser().parse_args(["--checkpoint", str(best)])
+    assert isinstance(eval_cli.build_model(eval_cli.resolve_source(args), args, torch.device("cpu")), rpl.RPLSegmenter)
 
 
 def test_sharded_order_is_a_resumable_partition():

@@ -8,7 +8,9 @@ Examples:
            --methods energy,msp,maxlogit,entropy,mcdropout --datasets fs-laf --data-root /data
 
 The segmenter comes from the checkpoint's metadata (written by rpl-train), or from --model/--weights
-(weights read with torch.load(weights_only=True) or safetensors). Method ``rpl`` needs a checkpoint;
+(weights read with torch.load(weights_only=True) or safetensors). A checkpoint may only name a listed
+factory (rpl.models.factories) and weights next to it; --model (yours), or --trust-checkpoint after
+reading the call the refusal prints, builds any other. Method ``rpl`` needs a checkpoint;
 ``energy``, ``msp``, ``maxlogit`` and ``entropy`` score the closed-set logits of the same forward
 pass (not blurred unless --smooth-baselines: only RPL blurs its own energy, as in the papers);
 ``mcdropout`` averages the softmax entropy of --mc-samples passes with dropout on.
@@ -74,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--model", metavar="PKG.MOD:FACTORY", help="segmenter factory package.module:factory")
     model.add_argument("--weights", metavar="FILE", help="segmenter weights (.safetensors or .pth state dict)")
     model.add_argument("--model-kwargs", metavar="JSON", help="JSON object of keyword arguments for the factory")
+    model.add_argument("--trust-checkpoint", action="store_true",
+                       help="build the checkpoint's recorded segmenter even when its factory is not a listed one "
+                            "(read it first: the refusal prints the call)")
     model.add_argument("--head", metavar="NAME", help="frozen head block the add-on perturbs (overrides the checkpoint's)")
     model.add_argument("--feature", metavar="NAME", help="module the add-on reads (overrides the checkpoint's)")
     pre = p.add_argument_group("preprocessing (recorded in the JSON)")
@@ -175,6 +180,9 @@ class Source:
     checkpoint: Path | None
     spec: SegmenterSpec
     base_dir: Path | None  # relative weight paths in a checkpoint's spec are relative to its folder
+    recorded: bool = False  # spec read from the checkpoint (checked), not written by the user
+    trust_checkpoint: bool = False
+    weights: str | None = None  # the user's --weights, replacing the recorded file
 
 
 def resolve_source(args: argparse.Namespace) -> Source:
@@ -203,7 +211,7 @@ def resolve_source(args: argparse.Namespace) -> Source:
         raise RPLInputError("--head/--feature say where an RPL add-on attaches to the segmenter; they need "
                             "--checkpoint FILE (without a checkpoint only post-hoc methods run, which need no names).")
     meta = read_metadata(checkpoint) if checkpoint is not None else None
-    recorded = (meta or {}).get("extra", {}).get("segmenter")
+    recorded = (meta or {}).get("extra", {}).get("segmenter")  # validated by read_metadata
     if args.model is not None:
         try:
             kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
@@ -220,18 +228,28 @@ def resolve_source(args: argparse.Namespace) -> Source:
         raise RPLInputError(f"checkpoint {checkpoint} records no segmenter (its metadata has no 'segmenter' entry); "
                             "pass --model package.module:factory and --weights FILE for the frozen segmenter it was "
                             "trained on.")
-    spec = SegmenterSpec.from_dict(recorded)
-    if args.weights is not None:
+    from rpl.models.loading import resolve_factory, resolve_weights
+
+    spec = SegmenterSpec.from_dict(recorded, where="extra.segmenter", source=checkpoint)
+    resolve_factory(spec, checkpoint, args.trust_checkpoint)  # refused here, before any data is read
+    if args.weights is None:
+        resolve_weights(spec, recorded_in=checkpoint)
+    else:
         spec.weights = args.weights
-        return Source(checkpoint, spec, None)
-    return Source(checkpoint, spec, checkpoint.parent)
+    return Source(checkpoint, spec, checkpoint.parent, recorded=True, trust_checkpoint=args.trust_checkpoint,
+                  weights=args.weights)
 
 
 def build_model(source: Source, args: argparse.Namespace, device) -> Any:
     """The segmenter of ``source`` on ``device``, wrapped with the checkpoint's add-on when there is one."""
     from rpl.models.loading import build_segmenter
 
-    segmenter = build_segmenter(source.spec, base_dir=source.base_dir).to(device)
+    if source.recorded:
+        segmenter = build_segmenter(source.spec, recorded_in=source.checkpoint,
+                                    trust_checkpoint=source.trust_checkpoint, weights=source.weights)
+    else:
+        segmenter = build_segmenter(source.spec, base_dir=source.base_dir)
+    segmenter = segmenter.to(device)
     if source.checkpoint is None:
         return segmenter
     overrides = {k: v for k, v in (("head", args.head), ("feature", args.feature)) if v}
