@@ -13,6 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import rpl
+
 from rpl.cli.train import main as train_main
 from rpl.config import load_config
 from rpl.training import ShardedOrder, Trainer
@@ -48,6 +50,9 @@ def test_loss_decreases_and_base_is_untouched(world, tmp_path):
     records = [json.loads(l) for l in (run / "log.jsonl").read_text().splitlines()]
     assert {"ce", "entropy", "outlier", "contrastive", "lr", "img_per_s"} <= set(records[0])
     assert any("val_ap" in r for r in records)
+    recorded = rpl.checkpoint.read_metadata(run / "best.safetensors")["extra"]["metrics"]["val"]
+    assert {"ap", "fpr95", "fpr95_threshold", "best_f1_threshold"} <= set(recorded)  # rpl-predict's mask thresholds
+    assert all(isinstance(recorded[k], float) for k in ("fpr95_threshold", "best_f1_threshold"))
 
 
 def test_sharded_order_is_a_resumable_partition():

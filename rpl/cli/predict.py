@@ -64,10 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
                      help="format of anomaly maps: png16 (16-bit PNG over the run's score range), npy16 or npy32 "
                           "(raw scores as float16 / float32 .npy) (default: png16)")
     out.add_argument("--score-range", metavar="LOW,HIGH",
-                     help="scores mapped to 0 and 65535 in 16-bit PNGs (default: the first image's range, widened)")
+                     help="scores mapped to 0 and 65535 in 16-bit PNGs; write --score-range=-20,5 when LOW is negative "
+                          "(default: the first image's range, widened)")
     out.add_argument("--threshold", metavar="T",
                      help="anomaly threshold for masks and area statistics: one number for every method, or "
-                          "METHOD=T,... (default: the checkpoint's validation threshold for rpl, if recorded)")
+                          "METHOD=T,...; write --threshold=-2.5 for a negative T (default: the checkpoint's validation "
+                          "threshold for rpl, if recorded)")
     out.add_argument("--threshold-from", choices=THRESHOLD_SOURCES, default="fpr95",
                      help="which recorded validation threshold rpl uses without --threshold: fpr95 (TPR 95 %%) "
                           "or best-f1 (default: fpr95)")
