@@ -337,6 +337,15 @@ def test_default_command_on_synthstreets_images(tmp_path, monkeypatch, capsys):
     assert sorted(p.name for p in (out / "overlay" / "rpl").iterdir()) == ["0000.png", "0001.png"]
     assert sorted(p.name for p in (out / "anomaly" / "rpl").iterdir()) == ["0000.png", "0001.png"]
     assert "predicted 2 image(s)" in capsys.readouterr().err
+    # the shipped add-on records its validation thresholds, so masks need no --threshold
+    assert cli.main(["data/synthstreets/synthstreets-anomaly/images", "--save", "mask", "--out", "masks"]) == 0
+    index = json.loads((tmp_path / "masks" / "index.json").read_text())
+    assert index["thresholds"]["rpl"]["source"] == "checkpoint validation (fpr95)"
+    t = index["thresholds"]["rpl"]["value"]
+    mask = cv2.imread(index["items"][0]["outputs"]["rpl"]["mask"], cv2.IMREAD_UNCHANGED)
+    assert mask.shape == (96, 192) and set(np.unique(mask)) <= {0, 255}
+    assert index["items"][0]["stats"]["rpl"]["anomalous_pixels"] == int((mask == 255).sum())
+    assert index["items"][0]["stats"]["rpl"]["threshold"] == t
 
 
 @pytest.mark.parametrize("command", ["rpl.cli.predict", "rpl.cli.export"])
@@ -346,3 +355,16 @@ def test_help_does_not_import_torch(command):
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "usage: rpl-" in done.stdout
+
+
+def test_resize_keeps_outputs_at_the_input_size(world, tmp_path):
+    out = tmp_path / "out"
+    assert predict(str(world.images), "--checkpoint", str(world.checkpoint), "--out", str(out), "--resize", "32x32",
+                   "--save", "anomaly,prediction", "--anomaly-format", "npy32", "--limit", "2") == 0
+    index = json.loads((out / "index.json").read_text())
+    assert index["preprocess"]["resize"] == [32, 32] and len(index["items"]) == 2  # --limit
+    for item in index["items"]:
+        assert np.load(item["outputs"]["rpl"]["anomaly"]).shape == (item["height"], item["width"]) == (32, 64)
+        from PIL import Image
+
+        assert np.asarray(Image.open(item["outputs"]["prediction"])).shape == (32, 64)

@@ -30,10 +30,10 @@ DEFAULT_OPSET = 17
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rpl-export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", help="RPL add-on (.safetensors from rpl-train) whose recorded segmenter is "
+    p.add_argument("--checkpoint", metavar="FILE", help="RPL add-on (.safetensors from rpl-train) whose recorded segmenter is "
                                         "exported with it (default: the shipped weights/rpl_synthstreets.safetensors)")
-    p.add_argument("--out", required=True, help="the .onnx file to write (required)")
-    p.add_argument("--method", default="rpl",
+    p.add_argument("--out", required=True, metavar="FILE", help="the .onnx file to write (required)")
+    p.add_argument("--method", default="rpl", metavar="NAME",
                    help="the anomaly output: rpl, energy, msp, maxlogit or entropy (default: rpl)")
     p.add_argument("--include-preprocess", action="store_true",
                    help="take uint8 (N, H, W, 3) RGB and normalise inside the graph (default: off, float NCHW input)")
@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"input size the graph is traced at, and its size if it cannot be dynamic (default: {DEFAULT_SIZE})")
     p.add_argument("--static", action="store_true", help="fixed batch 1 and --size instead of dynamic axes "
                                                          "(default: dynamic)")
-    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, help=f"ONNX opset (default: {DEFAULT_OPSET})")
+    p.add_argument("--opset", type=int, default=DEFAULT_OPSET, metavar="N", help=f"ONNX opset (default: {DEFAULT_OPSET})")
     p.add_argument("--no-verify", action="store_true", help="skip the onnxruntime check (default: verify)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file (default: refuse)")
     add_debug_flag(p)

@@ -51,13 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rpl-predict", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="*", metavar="INPUT", help="image files, folders, glob patterns or video files")
-    p.add_argument("--checkpoint", help="RPL add-on (.safetensors from rpl-train) whose recorded segmenter is "
+    p.add_argument("--checkpoint", metavar="FILE", help="RPL add-on (.safetensors from rpl-train) whose recorded segmenter is "
                                         "used (default: the shipped weights/rpl_synthstreets.safetensors)")
-    p.add_argument("--methods", default="rpl",
+    p.add_argument("--methods", default="rpl", metavar="LIST",
                    help="comma-separated: rpl, energy, msp, maxlogit, entropy (default: rpl)")
     out = p.add_argument_group("outputs")
-    out.add_argument("--out", default=str(DEFAULT_OUT), help=f"output folder (default: {DEFAULT_OUT})")
-    out.add_argument("--save",
+    out.add_argument("--out", default=str(DEFAULT_OUT), metavar="DIR", help=f"output folder (default: {DEFAULT_OUT})")
+    out.add_argument("--save", metavar="KINDS",
                      help="comma-separated kinds to write: overlay, anomaly, prediction, mask (default: "
                           f"{','.join(DEFAULT_SAVE)}; nothing but the HDF5 files with --smiyc-layout)")
     out.add_argument("--anomaly-format", choices=ANOMALY_FORMATS, default="png16",
@@ -81,9 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     smiyc.add_argument("--smiyc-layout", metavar="DIR",
                        help="write DIR/anomaly_p/NAME/DATASET/FRAME.hdf5 (float16, dataset 'value', gzip 9) for "
                             "the benchmark (needs h5py: pip install 'rpl[smiyc]') (default: off)")
-    smiyc.add_argument("--method-name", help="NAME of the method folder in the submission (required with "
+    smiyc.add_argument("--method-name", metavar="NAME", help="NAME of the method folder in the submission (required with "
                                              "--smiyc-layout)")
-    smiyc.add_argument("--smiyc-dataset", help="DATASET folder: AnomalyTrack-all, ObstacleTrack-all or "
+    smiyc.add_argument("--smiyc-dataset", metavar="NAME", help="DATASET folder: AnomalyTrack-all, ObstacleTrack-all or "
                                                "LostAndFound-test (default: from the input's dataset_* folder)")
     run = p.add_argument_group("running")
     run.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when available)")
@@ -91,9 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "(default: off)")
     run.add_argument("--resize", metavar="HxW", help="network input size; outputs stay at the input size "
                                                      "(default: each image at its own size)")
-    run.add_argument("--batch-size", type=int, default=1,
+    run.add_argument("--batch-size", type=int, default=1, metavar="N",
                      help="consecutive images of one size per forward (default: 1)")
-    run.add_argument("--limit", type=int, help="predict only the first N frames (default: all)")
+    run.add_argument("--limit", type=int, metavar="N", help="predict only the first N frames (default: all)")
     run.add_argument("--strict", action="store_true",
                      help="stop with exit code 2 at the first unreadable input (default: skip and report it)")
     add_debug_flag(p)
