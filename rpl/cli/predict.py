@@ -272,10 +272,10 @@ def frame_stats(score: Any, threshold: float | None) -> dict[str, Any]:
 class Run:
     """Batches frames of one size, predicts, and hands each frame's outputs to one writer thread."""
 
-    def __init__(self, args: argparse.Namespace, predictor: Any, outputs: Outputs, thresholds: dict, ranges: Any):
+    def __init__(self, predictor: Any, outputs: Outputs, thresholds: dict, ranges: Any):
         from concurrent.futures import ThreadPoolExecutor
 
-        self.args, self.predictor, self.outputs = args, predictor, outputs
+        self.predictor, self.outputs = predictor, outputs
         self.thresholds = {m: t for m, (t, _) in thresholds.items()}
         self.ranges = ranges
         self.items: list[dict[str, Any]] = []  # every frame, in input order, with its status
@@ -401,8 +401,6 @@ def _run(args: argparse.Namespace) -> int:
 
     sources = discover(args.inputs)  # every path checked before the model loads
 
-    import torch
-
     from rpl.checkpoint import read_metadata
     from rpl.cli.eval import DEFAULT_CHECKPOINT, _device, _size, write_atomic
     from rpl.evaluation import Preprocess, make_progress, sanitize
@@ -468,7 +466,7 @@ def _run(args: argparse.Namespace) -> int:
                             resize=_size(args.resize) if args.resize else None)
     model = load_model(checkpoint, device)
     predictor = Predictor(model, methods, preprocess, device, amp=args.amp)
-    run = Run(args, predictor, outputs, thresholds, ranges)
+    run = Run(predictor, outputs, thresholds, ranges)
     total = sum(1 if s.kind == "image" else (video_frame_count(s.path) or 0) for s in sources)
     total = min(total, args.limit) if args.limit else total
     start = time.perf_counter()
