@@ -150,12 +150,13 @@ def recorded_threshold(meta: dict[str, Any], source: str) -> float | None:
 
 
 def load_model(checkpoint: Path, device: Any) -> Any:
-    """The checkpoint's recorded segmenter wrapped with its add-on, on ``device`` (the one loading path)."""
-    from rpl.cli.eval import build_model, resolve_source
+    """The checkpoint's recorded segmenter wrapped with its add-on, on ``device``, in eval mode.
 
-    options = argparse.Namespace(checkpoint=str(checkpoint), model=None, model_kwargs=None, weights=None,
-                                 head=None, feature=None)
-    return build_model(resolve_source(options), options, device)
+    ``rpl.from_checkpoint``'s rules apply: only listed segmenter factories, weights next to the file.
+    """
+    import rpl
+
+    return rpl.from_checkpoint(checkpoint, device=device)
 
 
 # -- outputs -------------------------------------------------------------------------------------
