@@ -418,7 +418,8 @@ class Trainer:
     # validation ----------------------------------------------------------------------------
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
-        """Pixel AP/AUROC/FPR95 of the energy score on held-out inliers with pasted held-out outliers."""
+        """Pixel AP/AUROC/FPR95 (and the FPR@95 / best-F1 thresholds) of the anomaly score on held-out inliers
+        with pasted held-out outliers."""
         from rpl.metrics import PixelMetrics
 
         model, addon = self.model, self.model.addon
@@ -446,7 +447,9 @@ class Trainer:
                 bar.remove_task(task)
             model.addon = addon
             model.train()
-        return {k: float(v) for k, v in metric.compute().items() if k in ("auroc", "ap", "fpr95")}
+        # the thresholds go into the checkpoint, so that rpl-predict can threshold masks without labels
+        kept = ("auroc", "ap", "fpr95", "fpr95_threshold", "best_f1", "best_f1_threshold")
+        return {k: float(v) for k, v in metric.compute().items() if k in kept}
 
     # loop ------------------------------------------------------------------------------------
     def _loader(self, epoch: int, start_step: int) -> DataLoader:

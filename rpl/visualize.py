@@ -18,6 +18,13 @@ import numpy as np
 
 IGNORE = 255
 CONTOUR_RGB = (0, 255, 0)
+# Cityscapes' 19 train-id colours (road, sidewalk, building, wall, fence, pole, traffic light, traffic sign,
+# vegetation, terrain, sky, person, rider, car, truck, bus, train, motorcycle, bicycle), from its label table
+CITYSCAPES_PALETTE = (
+    (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153), (153, 153, 153),
+    (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152), (70, 130, 180), (220, 20, 60),
+    (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32),
+)
 
 
 def normalise(score: np.ndarray, roi: np.ndarray | None = None, low: float = 1.0, high: float = 99.0) -> np.ndarray:
@@ -62,3 +69,16 @@ def overlay(image: np.ndarray, score: np.ndarray, label: np.ndarray | None = Non
 def file_stem(name: str) -> str:
     """A sample name (``city/frame``, may hold separators) as a safe file name."""
     return re.sub(r"[^A-Za-z0-9._-]+", "__", name).strip("_") or "sample"
+
+
+def palette_bytes(palette=CITYSCAPES_PALETTE) -> list[int]:
+    """A 256-entry flat RGB palette (class colours first, black after) for palette PNGs."""
+    flat = [c for rgb in palette for c in rgb]
+    return flat + [0] * (768 - len(flat))
+
+
+def colour_labels(labels: np.ndarray, palette=CITYSCAPES_PALETTE) -> np.ndarray:
+    """RGB uint8 picture of class ids (ids beyond the palette are black)."""
+    table = np.zeros((256, 3), np.uint8)
+    table[: len(palette)] = palette
+    return table[labels.astype(np.uint8)]
