@@ -47,7 +47,7 @@ def _run(args: argparse.Namespace) -> int:
             from rpl.cli import eval as rpl_eval
 
             return rpl_eval.main(["--checkpoint", f"{args.work_dir}/best.safetensors", "--data-root", cfg.data.root,
-                                  "--json", f"{args.work_dir}/eval.json"])
+                                  "--json", f"{args.work_dir}/eval.json", "--report", f"{args.work_dir}/report"])
     return 0
 
 
