@@ -477,8 +477,9 @@ def curve_plots(dataset: str, rows: Sequence[dict[str, Any]], curves: dict[str, 
             "Circles: the FPR@95 operating point; diamonds: the best-F1 point.</p>")
 
 
-def gallery_html(gallery: Gallery, folder: Path, prefix: str) -> str:
-    """The gallery's sections as grids of captioned tiles; writes the tiles under ``folder``."""
+def gallery_html(gallery: Gallery, folder: Path, prefix: str, name_methods: bool = False) -> str:
+    """The gallery's sections as grids of captioned tiles; writes the tiles under ``folder``.
+    ``name_methods``: say whose gallery it is (a dataset with galleries of several models)."""
     if not gallery.sections:
         return ""
     scales = colour_scales(gallery)
@@ -488,7 +489,8 @@ def gallery_html(gallery: Gallery, folder: Path, prefix: str) -> str:
         images = gallery.sections.get(section)
         if not images:
             continue
-        out.append(f"<h3>{html.escape(title)}</h3>")
+        whose = f" ({', '.join(gallery.methods)})" if name_methods else ""
+        out.append(f"<h3>{html.escape(title + whose)}</h3>")
         out.append(f'<div class="gallery" style="grid-template-columns:repeat({columns},1fr)">')
         out.append('<div class="head">image</div><div class="head">ground truth<div class="scale">'
                    "orange anomaly, grey void</div></div>")
@@ -578,10 +580,10 @@ def render(document: dict[str, Any], curves: dict[str, dict[str, dict[str, Any]]
     for d in datasets:
         rows = [r for r in results if r["dataset"] == d and not _is_miou_row(r)]
         section = curve_plots(d, rows, curves.get(d, {}))
-        for j, gallery in enumerate(galleries.get(d, [])):
-            from rpl.visualize import file_stem
+        from rpl.visualize import file_stem
 
-            section += gallery_html(gallery, folder, f"img/{file_stem(d)}-{j}")
+        for j, gallery in enumerate(galleries.get(d, [])):
+            section += gallery_html(gallery, folder, f"img/{file_stem(d)}-{j}", len(galleries[d]) > 1)
         if section:
             parts.append(f'<h2 id="{html.escape(d)}">{html.escape(d)}</h2>{section}')
     parts.append(miou_section(results))

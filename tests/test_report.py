@@ -239,3 +239,29 @@ def test_report_in_headless_chromium(built, tmp_path):
     assert page.shape[0] > 1500  # table, two datasets with plots and galleries, IoU, settings
     # the plots and gallery tiles were drawn: the palette's first colour and JPEG tiles are there
     assert ((page[..., 0] == 0xb4) & (page[..., 1] == 0x77) & (page[..., 2] == 0x1f)).sum() > 100
+
+
+def test_rpl_train_final_evaluation_writes_the_report(monkeypatch, tmp_path):
+    """The README's first command (rpl-train on the embedded default) ends with rpl-eval --report."""
+    import types
+
+    import rpl.cli.train as train_cli
+    import rpl.training
+
+    class FakeTrainer:  # the training itself is tested in test_training.py
+        def __init__(self, cfg, work_dir, resume=False, quiet=False):
+            self.d = types.SimpleNamespace(main=True)
+
+        def fit(self):
+            return {"steps": 1, "seconds": 0.0, "skipped_steps": 0, "best_ap": 0.5, "best_step": 1}
+
+        def close(self):
+            pass
+
+    calls = []
+    monkeypatch.setattr(rpl.training, "Trainer", FakeTrainer)
+    monkeypatch.setattr(cli, "main", lambda argv: calls.append(argv) or 0)
+    work = tmp_path / "work"
+    assert train_cli.main(["--work-dir", str(work), "--quiet"]) == 0
+    (argv,) = calls
+    assert argv[argv.index("--report") + 1] == f"{work}/report"
