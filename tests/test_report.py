@@ -265,3 +265,14 @@ def test_rpl_train_final_evaluation_writes_the_report(monkeypatch, tmp_path):
     assert train_cli.main(["--work-dir", str(work), "--quiet"]) == 0
     (argv,) = calls
     assert argv[argv.index("--report") + 1] == f"{work}/report"
+
+
+def test_report_onto_a_file_is_an_input_error(tmp_path, capsys):
+    taken = tmp_path / "report.html"
+    taken.write_text("keep me")
+    assert cli.main(["--report", str(taken), "--data-root", str(tmp_path), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "--report" in err and str(taken) in err and "Traceback" not in err
+    assert taken.read_text() == "keep me"
+    assert cli.main(["--report", str(tmp_path / "r"), "--report-images", "-1", "--quiet"]) == 2
+    assert "--report-images" in capsys.readouterr().err
