@@ -1,7 +1,7 @@
 """The evaluation report: ``rpl-eval --report DIR`` writes ``DIR/index.html`` and its images.
 
-    report = Evaluator(model, EvalOptions(report_images=4)).run(entries)    # collects curves + galleries
-    write_report("work_dirs/report", document, report)                      # document: rpl-eval's JSON
+    report = Evaluator(model, EvalOptions(report=True, gallery_images=4)).run(entries)  # + curves, galleries
+    write_report("work_dirs/report", document, report.curves, report.galleries)  # document: rpl-eval's JSON
 
 One self-contained page (no script, no server, no network: open the file): the results table with
 the best value of each column marked per dataset, the run's settings, per dataset the ROC and
@@ -134,8 +134,6 @@ class GalleryCollector:
             if q is None or q.size == 0 or t is None:
                 continue
             below = float(np.interp(t, q, np.linspace(0.0, 1.0, q.size), left=0.0, right=1.0))
-            if t > q[-1]:
-                below = 1.0
             shares.append(record.n_inlier * (1.0 - below) / record.n_valid)
         return float(np.mean(shares)) if shares else None
 
@@ -240,8 +238,8 @@ def line_plot(title: str, xlabel: str, ylabel: str, series: Sequence[tuple[str, 
             continue
         colour, x, y = PALETTE[i % len(PALETTE)], px(point[0]), py(point[1])
         if shape == "diamond":
-            out.append(f'<path d="M{x:.1f} {y - 6:.1f} L{x + 6:.1f} {y:.1f} L{x:.1f} {y + 6:.1f} L{x - 6:.1f} {y:.1f} Z" '
-                       f'fill="{colour}" stroke="#fff" stroke-width="1"/>')
+            d = f"M{x:.1f} {y - 6:.1f} L{x + 6:.1f} {y:.1f} L{x:.1f} {y + 6:.1f} L{x - 6:.1f} {y:.1f} Z"
+            out.append(f'<path d="{d}" fill="{colour}" stroke="#fff" stroke-width="1"/>')
         else:
             out.append(f'<circle cx="{x:.1f}" cy="{y:.1f}" r="5" fill="{colour}" stroke="#fff" stroke-width="1"/>')
     out.append('<g class="legend">')
