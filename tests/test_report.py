@@ -276,3 +276,41 @@ def test_report_onto_a_file_is_an_input_error(tmp_path, capsys):
     assert taken.read_text() == "keep me"
     assert cli.main(["--report", str(tmp_path / "r"), "--report-images", "-1", "--quiet"]) == 2
     assert "--report-images" in capsys.readouterr().err
+
+
+def test_report_of_any_methods_and_segmenters(tmp_path):
+    """Written against the results structure only: any method names, component columns, several mIoU rows,
+    galleries of several models for one dataset."""
+    from rpl.metrics import PixelMetrics
+    from rpl.report import Gallery, GalleryImage, write_report
+
+    rng = np.random.default_rng(1)
+    label = (rng.random((16, 24)) < 0.2).astype(np.uint8)
+    rows, curves = [], {}
+    for k, method in enumerate(("pebal", "pebal+rpl", "my <method>")):
+        score = rng.normal(size=label.shape).astype(np.float32) + k * label
+        metric = PixelMetrics(mode="exact")
+        metric.update(score, label)
+        rows.append({"dataset": "set-a", "method": method, **metric.compute(), "siou": 0.1 * k, "ppv": None,
+                     "mean_f1": 0.2})
+        curves[method] = metric.curve()
+    rows += [{"dataset": "val", "method": f"segmenter {i}", "auroc": None, "ap": None, "fpr95": None,
+              "miou": 0.5 + 0.1 * i, "pixel_accuracy": 0.9, "iou_per_class": [0.5 + 0.1 * i, None, 0.4]}
+             for i in range(3)]
+    image = rng.integers(0, 255, (16, 24, 3), dtype=np.uint8)
+    shown = GalleryImage("frame/1", image, label, {"pebal": rng.normal(size=label.shape).astype(np.float32)},
+                         {"pebal": 0.5}, {"pebal": 0.25}, None)
+    galleries = [Gallery("set-a", ("pebal",), {"pebal": 0.0}, {"false_positives": [shown]}) for _ in range(2)]
+    page = write_report(tmp_path / "r", {"results": rows, "pixel_mode": "exact", "checkpoints": ["a", "b"]},
+                        {"set-a": curves}, {"set-a": galleries}).read_text()
+    parsed = Page()
+    parsed.feed(page)
+    assert [[t.split("  ")[0] for t in legend] for legend in parsed.legends["set-a"]] == \
+        [["pebal", "pebal+rpl", "my <method>"]] * 2
+    assert "my &lt;method&gt;" in page and "my <method>" not in page
+    best = re.findall(r'<td class="num best" data-key="(\w+)" data-value="([^"]+)"', page)
+    assert ("siou", "0.2") in best and ("miou", repr(0.5 + 0.1 * 2)) in best
+    assert page.count("(pebal)</h3>") == 2  # two models' galleries, each named
+    assert all((tmp_path / "r" / s).is_file() for s in parsed.sources) and len(parsed.sources) == 2 * 3
+    assert len([c for c in parsed.iou_cells if c["key"] == "iou_0"]) == 3 and "iou_1" not in \
+        {c["key"] for c in parsed.iou_cells}
