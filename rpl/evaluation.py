@@ -33,6 +33,10 @@ component metrics need host copies by their nature. Per dataset:
   and the first row records whether both logits are bit-identical on the first batch.
 
 Images without any valid pixel (label all 255) are counted and reported, not an error.
+
+``EvalOptions(report=True)`` also keeps what ``rpl.report`` draws (``EvalReport.curves`` and
+``.galleries``): each method's pooled curve, and per image a few numbers from which the gallery's
+images are picked once a dataset is done; only those are then read and scored again.
 """
 from __future__ import annotations
 
@@ -496,7 +500,9 @@ class Evaluator:
                 images = torch.from_numpy(item["image"][None]).to(self.device)
                 label = item["label"]
                 x = self.preprocess(images)
-                logits, out = self._forward(x)
+                with self._autocast():  # eager: a compiled forward would recompile for batches of one
+                    out = self.model(x)
+                logits, out = (out.logits, out) if self.wrapped else (extract_logits(out), None)
                 scores = {m: resize_scores(s, label.shape[-2:])[0] for m, s in self.scores(x, logits, out).items()}
                 previews[record.position] = make_preview(item["image"], label, scores, record, thresholds)
         return Gallery(name, self.methods, thresholds,
