@@ -47,16 +47,23 @@ def colour_map(unit: np.ndarray, colormap: int = cv2.COLORMAP_JET) -> np.ndarray
 
 
 def overlay(image: np.ndarray, score: np.ndarray, label: np.ndarray | None = None,
-            colormap: int = cv2.COLORMAP_JET, contour_rgb: tuple[int, int, int] = CONTOUR_RGB) -> np.ndarray:
+            colormap: int = cv2.COLORMAP_JET, contour_rgb: tuple[int, int, int] = CONTOUR_RGB,
+            scale: tuple[float, float] | None = None) -> np.ndarray:
     """``image / 2 + colour(score) / 2`` inside the ROI (label != 255), the anomaly outline drawn on top.
 
     ``image``: RGB uint8 (H, W, 3); ``score``: (H, W), higher = more anomalous; ``label``: uint8
-    (H, W) 0 / 1 / 255 or None (everything is the ROI, no outline).
+    (H, W) 0 / 1 / 255 or None (everything is the ROI, no outline). ``scale=(low, high)`` fixes the
+    colour range (to compare images on one scale) instead of the image's own percentiles.
     """
     if image.shape[:2] != score.shape:
         raise ValueError(f"overlay: image {image.shape[:2]} and score {score.shape} differ in size")
     roi = np.ones(score.shape, bool) if label is None else label != IGNORE
-    heat = colour_map(normalise(score, roi), colormap)
+    if scale is None:
+        unit = normalise(score, roi)
+    else:
+        low, high = scale
+        unit = np.clip((np.nan_to_num(np.asarray(score, np.float32), nan=low) - low) / max(high - low, 1e-12), 0, 1)
+    heat = colour_map(unit, colormap)
     blended = (image.astype(np.uint16) + heat.astype(np.uint16)) // 2
     out = np.where(roi[..., None], blended.astype(np.uint8), image).copy()
     if label is not None:

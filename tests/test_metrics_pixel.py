@@ -409,3 +409,42 @@ def test_bad_inputs_are_refused_with_a_clear_message(scores, labels, message):
 def test_bad_options_are_refused(kwargs, message):
     with pytest.raises(RPLInputError, match=message):
         PixelMetrics(**kwargs)
+
+
+@pytest.mark.parametrize("mode", ["exact", "streaming", "smiyc"])
+def test_curve_is_the_one_the_metrics_are_read_from(mode):
+    """PixelMetrics.curve(): ROC area = AUROC, PR steps sum to AP, points and markers on sklearn's curve."""
+    from sklearn.metrics import precision_recall_curve, roc_curve
+
+    rng = np.random.default_rng(3)
+    labels = (rng.random((3, 40, 50)) < 0.15).astype(np.uint8)
+    labels[:, :4] = 255
+    scores = np.round(rng.normal(size=labels.shape) + 1.5 * labels, 1).astype(np.float32)  # heavy ties
+    m = PixelMetrics(mode=mode)
+    m.update(scores, labels)
+    r, c = m.compute(), m.curve(max_points=10**6)
+    fpr, tpr = np.array(c["roc"]["fpr"]), np.array(c["roc"]["tpr"])
+    recall, precision = np.array(c["pr"]["recall"]), np.array(c["pr"]["precision"])
+    assert (fpr[0], tpr[0], fpr[-1], tpr[-1]) == (0, 0, 1, 1)
+    assert np.all(np.diff(fpr) >= 0) and np.all(np.diff(tpr) >= 0)
+    assert np.trapezoid(tpr, fpr) == pytest.approx(r["auroc"], abs=TOL)
+    if mode == "smiyc":
+        assert np.trapezoid(precision, recall) == pytest.approx(r["ap"], abs=TOL)
+    else:
+        assert np.sum(np.diff(recall, prepend=0.0) * precision) == pytest.approx(r["ap"], abs=TOL)
+        valid = labels != 255
+        y, s = labels[valid], scores[valid]
+        sk_fpr, sk_tpr, _ = roc_curve(y, s, drop_intermediate=False)
+        # every point of sklearn's ROC (all distinct scores) lies on ours: at its TPR level, within our FPR span
+        for f, t in zip(sk_fpr, sk_tpr):
+            level = fpr[np.isclose(tpr, t, rtol=0, atol=1e-12)]
+            assert level.size and level.min() - 1e-12 <= f <= level.max() + 1e-12, (f, t)
+        sk_p, sk_r, _ = precision_recall_curve(y, s)
+        assert {(round(a, 12), round(b, 12)) for a, b in zip(recall, precision)} <= \
+            {(round(a, 12), round(b, 12)) for a, b in zip(sk_r[:-1], sk_p[:-1])}
+    assert c["fpr95_point"][0] == r["fpr95"] and c["fpr95_point"][1] >= 0.95
+    rec, prec = c["best_f1_point"]
+    assert 2 * rec * prec / (rec + prec) == pytest.approx(r["best_f1"], abs=TOL)
+    thinned = m.curve(max_points=50)
+    assert len(thinned["roc"]["fpr"]) <= 52 and thinned["roc"]["fpr"][-1] == 1.0
+    assert m.compute() == r  # reading the curve changes no metric

@@ -68,6 +68,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "one per method and image (image/2 + score colours/2 inside "
                                                        "the ROI, ground truth outlined)")
     out.add_argument("--vis-limit", metavar="N", type=int, default=20, help="overlays per dataset")
+    out.add_argument("--report", metavar="DIR", help="write an HTML report DIR/index.html (results, settings, ROC and "
+                                                     "precision-recall curves, galleries, IoU per class); open it "
+                                                     "from disk, it needs no server or network")
+    out.add_argument("--report-images", metavar="N", type=int, default=4,
+                     help="images per gallery section of the report (0: no gallery)")
     out.add_argument("--wandb", choices=("disabled", "offline", "online"), default="disabled",
                      help="log the table and a few overlays to Weights & Biases")
     out.add_argument("--wandb-project", metavar="NAME", default="rpl", help="Weights & Biases project")
@@ -429,7 +434,8 @@ def _run(args: argparse.Namespace) -> int:
                           components=args.components, smooth_baselines=args.smooth_baselines,
                           mc_samples=args.mc_samples, amp=args.amp, batch_size=args.batch_size,
                           num_workers=args.num_workers, limit=args.limit, seed=args.seed, progress=not args.quiet,
-                          vis_limit=args.vis_limit if args.save_vis else WANDB_OVERLAYS, compile=args.compile)
+                          vis_limit=args.vis_limit if args.save_vis else WANDB_OVERLAYS, compile=args.compile,
+                          report=args.report is not None, gallery_images=args.report_images)
     options.check()
     preprocess = resolve_preprocess(source, args)
     outputs = {k: _output_path(getattr(args, k), f"--{k}") for k in ("json", "csv", "markdown")}
@@ -438,6 +444,8 @@ def _run(args: argparse.Namespace) -> int:
         if vis_dir.exists() and not vis_dir.is_dir():
             raise RPLInputError(f"--save-vis {vis_dir} is a file; expected a folder for the overlays.")
         vis_dir.mkdir(parents=True, exist_ok=True)
+    if args.report is not None and Path(args.report).exists() and not Path(args.report).is_dir():
+        raise RPLInputError(f"--report {args.report} is a file; expected a folder for index.html and its images.")
 
     names, data_root = resolve_datasets(args)
     entries = open_datasets(names, data_root)  # layouts checked before the model loads
@@ -492,6 +500,10 @@ def _evaluate_and_report(args: argparse.Namespace, model: Any, options: EvalOpti
         write_atomic(outputs["markdown"], to_markdown(document["results"], args.components, caption))
     print_table(document["results"], args.components, caption)
     written = [str(p) for p in outputs.values() if p] + ([f"{sink.written} overlays in {vis_dir}"] if vis_dir else [])
+    if args.report is not None:
+        from rpl.report import write_report
+
+        written.append(str(write_report(args.report, document, report.curves, report.galleries)))
     if written:
         print("Wrote " + ", ".join(written), file=sys.stderr)
     if run is not None:

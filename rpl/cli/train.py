@@ -78,7 +78,7 @@ def _evaluate(work_dir: str, data_root: str) -> int:
     from rpl.cli import eval as rpl_eval
 
     return rpl_eval.main(["--checkpoint", f"{work_dir}/best.safetensors", "--data-root", data_root,
-                          "--json", f"{work_dir}/eval.json"])
+                          "--json", f"{work_dir}/eval.json", "--report", f"{work_dir}/report"])
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -2,7 +2,8 @@
 
 Each accumulator has ``add(scores, labels)`` (float32 / uint8 maps on one backend, see
 ``_inputs``), ``merge(other)``, ``gather()`` (replace the local state by the state of all ranks),
-``counts()`` -> (n_anomaly, n_inlier) and ``metrics(fpr_rule)``.
+``counts()`` -> (n_anomaly, n_inlier), ``metrics(fpr_rule)`` and ``curve()`` (the pooled ROC / PR
+points the metrics are read from, see ``curves.pooled_curve``).
 """
 from __future__ import annotations
 
@@ -41,7 +42,8 @@ class ExactAccumulator:
     def counts(self) -> tuple[int, int]:
         return sum(a.size for a in self.pos), sum(a.size for a in self.neg)
 
-    def metrics(self, fpr_rule: str) -> dict:
+    def rows(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Per distinct anomaly value (ascending): the value, its anomaly count, inliers below and equal."""
         pos, neg = _sorted(self.pos), _sorted(self.neg)
         self.pos, self.neg = [pos], [neg]          # keep the sorted copy: no second copy later
         starts = np.flatnonzero(np.concatenate(([True], pos[1:] != pos[:-1])))
@@ -49,7 +51,14 @@ class ExactAccumulator:
         count = np.diff(np.append(starts, pos.size))
         below = np.searchsorted(neg, values, side="left")
         equal = np.searchsorted(neg, values, side="right") - below
-        return curves.pooled_metrics(values, count, below, equal, pos.size, neg.size, fpr_rule)
+        return values, count, below, equal
+
+    def metrics(self, fpr_rule: str) -> dict:
+        n_pos, n_neg = self.counts()
+        return curves.pooled_metrics(*self.rows(), n_pos, n_neg, fpr_rule)
+
+    def curve(self) -> dict:
+        return curves.pooled_curve(*self.rows(), *self.counts())
 
 
 def _concat(chunks: list[np.ndarray]) -> np.ndarray:
@@ -186,9 +195,9 @@ class HistogramAccumulator:
         bits = np.where(key >= 1 << 31, key - (1 << 31), neg_mag | (1 << 31))
         return bits.astype(np.uint32).view(np.float32).astype(np.float64)
 
-    def metrics(self, fpr_rule: str) -> dict:
-        """Rows of the occupied anomaly bins, read block by block over the span seen."""
-        n_pos, n_neg = self.counts()
+    def rows(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Rows of the occupied anomaly bins (lower edge, anomaly count, inliers below and in the bin),
+        read block by block over the span seen."""
         step = 1 << 21
         parts, neg_before = [], 0
         for start in range(self.lo - self.lo % 2, self.hi + 1, step):
@@ -201,8 +210,14 @@ class HistogramAccumulator:
                 parts.append((occupied + start // 2, pos[occupied], below, neg[occupied]))
             neg_before += int(neg.sum(dtype=np.int64))
         bins, count, below, equal = (np.concatenate(c) for c in zip(*parts))
-        return curves.pooled_metrics(self.lower_edges(bins), count, below, equal, n_pos, n_neg,
-                                     fpr_rule)
+        return self.lower_edges(bins), count, below, equal
+
+    def metrics(self, fpr_rule: str) -> dict:
+        n_pos, n_neg = self.counts()
+        return curves.pooled_metrics(*self.rows(), n_pos, n_neg, fpr_rule)
+
+    def curve(self) -> dict:
+        return curves.pooled_curve(*self.rows(), *self.counts())
 
 
 class SmiycAccumulator:
@@ -254,3 +269,8 @@ class SmiycAccumulator:
     def metrics(self, fpr_rule: str) -> dict:
         return curves.smiyc_metrics(np.concatenate(self.edges), np.concatenate(self.tp),
                                     np.concatenate(self.fp), self.n_pos, self.n_neg)
+
+    def curve(self) -> dict:
+        thresholds, tp, fp = curves.smiyc_points(np.concatenate(self.edges), np.concatenate(self.tp),
+                                                 np.concatenate(self.fp))
+        return {"thresholds": thresholds, "tp": tp, "fp": fp, "n_pos": self.n_pos, "n_neg": self.n_neg}
