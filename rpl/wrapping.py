@@ -328,7 +328,8 @@ class RPLSegmenter(nn.Module):
         if self._reentrant or not self._active:
             return
         if len(args) != 1 or not isinstance(args[0], torch.Tensor):
-            raise RPLInputError(f"head block {self.head_name!r} is called with {_describe(args)}; RPL needs a head "
+            raise RPLInputError(f"head block {self.head_name!r} is called with {len(args)} input(s) {_describe(args)}; "
+                                "RPL needs a head "
                                 "whose only input is the feature map d.")
         d = args[0]
         f = self._state.get("f", d if self.feature_name is None else None)
@@ -641,7 +642,8 @@ def _check_head_input(calls: list[tuple], head: str, segmenter: nn.Module, x: to
     if len(args) != 1 or not isinstance(args[0], torch.Tensor) or args[0].dim() != 4:
         inner = [n for n, _ in segmenter.get_submodule(_INDEXED.sub(r"\g<path>", head)).named_children()][:6]
         hint = f" Its submodules are: {', '.join(inner)}." if inner else ""
-        raise RPLInputError(f"head block {head!r} receives {_describe(args)}; RPL needs a head block whose only input "
+        got = _describe(args[0]) if len(args) == 1 else f"{len(args)} positional inputs {_describe(args)}"
+        raise RPLInputError(f"head block {head!r} receives {got}; RPL needs a head block whose only input "
                             f"is one 4-D feature map (B, C, h, w), so that it can be re-run on d + r. Name a block "
                             f"inside it that takes a single map.{hint} {candidates(segmenter, x, logits)}")
     return args[0]
