@@ -291,6 +291,19 @@ class RPLSegmenter(nn.Module):
         finally:
             self._attach()
 
+    def __deepcopy__(self, memo: dict) -> "RPLSegmenter":
+        """A copy with its own segmenter, add-on and hooks (hook handles are not copyable as they are)."""
+        self._detach()
+        try:
+            new = type(self).__new__(type(self))
+            memo[id(self)] = new
+            for key, value in self.__dict__.items():
+                new.__dict__[key] = [] if key == "_handles" else copy.deepcopy(value, memo)
+            new._attach()
+        finally:
+            self._attach()
+        return new
+
     # -- frozen guarantee ---------------------------------------------------------------------
     def _freeze(self) -> None:
         self.segmenter.eval()

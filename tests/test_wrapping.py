@@ -469,3 +469,20 @@ def test_candidates_list_stage_outputs_with_selectors_deepest_first():
         rpl.wrap(ListEncoderSegmenter(), head="head", feature="encoder[-1]")
     msg = str(err.value)
     assert "receives list" in msg and "ran 1 times" not in msg and "classifier" in msg
+
+
+def test_deepcopy_of_a_wrapped_model_is_independent():
+    base = randomize_bn(ToySegmenter()).eval()
+    model = rpl.wrap(base, head="head", feature="stem", block={"width": 8})
+    clone = copy.deepcopy(model)
+    assert clone.segmenter is not base and clone._chain[0] is clone.segmenter.head
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        a, b = model(x), clone(x)
+    assert torch.equal(a.logits, b.logits) and torch.equal(a.anomaly_logits, b.anomaly_logits)
+    clone.unwrap()
+    assert _hook_counts(clone.segmenter) == [(0, 0)] * len(_hook_counts(base))
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, a.logits)  # the original keeps its hooks
+    bare = model.segmenter_copy()
+    assert _hook_counts(bare) == _hook_counts(clone.segmenter)
