@@ -61,7 +61,7 @@ HF = {
 EXPECTED_PRESET = {"upernet-convnext": "hf-upernet", "upernet-swin": "hf-upernet", "dpt": "hf-dpt",
                    "segformer": "hf-segformer", "beit": "hf-beit", "mask2former": "hf-mask2former"}
 # one per library in the default run, the rest under -m slow
-DEFAULT_RUN = {"smp-Unet", "smp-DPT", "hf-upernet-swin", "hf-mask2former"}
+DEFAULT_RUN = {"smp-Unet", "smp-PAN", "smp-DPT", "hf-upernet-swin", "hf-mask2former"}
 
 
 def hook_counts(module):
@@ -176,6 +176,12 @@ def test_list_presets_and_registry():
     for name in ("smp", "smp-dpt", "smp-decoder", "hf-upernet", "hf-dpt", "hf-segformer", "hf-beit", "hf-mask2former",
                  "torchvision-deeplabv3", "torchvision-fcn", "rpl-deeplabv3plus", "nvidia-deepwv3plus"):
         assert name in names
+    # smp's DeepLabV3Plus and this package's share a class name: the defining module tells them apart
+    from rpl.models import DeepLabV3Plus
+
+    assert presets.detect(smp.DeepLabV3Plus(**SMP_SMALL)).name == "smp"
+    assert presets.detect(DeepLabV3Plus("resnet18", num_classes=K, aspp_width=8, decoder_width=8)).name == \
+        "rpl-deeplabv3plus"
     with pytest.raises(rpl.RPLInputError, match="not registered.*smp"):
         rpl.wrap(smp.Unet(**SMP_SMALL), preset="nope")
     custom = presets.register(presets.Preset("test-toy", ("ToySegmenter",), "head", "stem", module="models_for_tests"))
