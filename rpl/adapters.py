@@ -139,8 +139,10 @@ def probe_mask_classification(segmenter: nn.Module, head: str, feature: str | No
     model = MaskClassificationSegmenter(segmenter, head, feature, addon, smoothing, snapshot)
     try:
         _probe_masks(model, x, out, reference)
-    except BaseException:
+    except BaseException as err:
         model._detach()
+        if isinstance(err, Exception) and not isinstance(err, RPLInputError):
+            raise _ModelFailed(err, head, feature) from err
         raise
     return model
 

@@ -624,8 +624,10 @@ def _wrap(segmenter: nn.Module, head: str | None, feature: str | None, preset_na
     model = RPLSegmenter(segmenter, head, feature, addon, smoothing, logits, snapshot)
     try:
         _probe(model, x, reference)
-    except BaseException:
+    except BaseException as err:
         model._detach()
+        if isinstance(err, Exception) and not isinstance(err, RPLInputError):
+            raise _ModelFailed(err, head, feature) from err  # a torch error in the wrapped forward
         raise
     return model
 

@@ -486,3 +486,21 @@ def test_deepcopy_of_a_wrapped_model_is_independent():
         assert torch.equal(model(x).logits, a.logits)  # the original keeps its hooks
     bare = model.segmenter_copy()
     assert _hook_counts(bare) == _hook_counts(clone.segmenter)
+
+
+def test_torch_error_in_the_wrapped_probe_names_the_preset_names():
+    base = randomize_bn(ToySegmenter())
+    boom = {"calls": 0}
+
+    def fail_second_time(module, args, output):
+        boom["calls"] += 1
+        if boom["calls"] > 1:  # discovery passes, the wrapped probe forward fails
+            raise RuntimeError("CUDA-like kernel failure")
+
+    handle = base.stem.register_forward_hook(fail_second_time)
+    before = _state_of(base)
+    with pytest.raises(RPLInputError, match=r"ToySegmenter failed.*head 'head', feature 'stem'.*probe size 32x32.*"
+                                            r"kernel failure"):
+        rpl.wrap(base, head="head", feature="stem", probe_size=(32, 32), block={"width": 8})
+    assert _state_of(base) == before
+    handle.remove()
