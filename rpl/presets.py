@@ -32,16 +32,10 @@ class Preset:
     auto: bool = True  # False: a variant chosen only by name (``rpl.wrap(model, preset=...)``)
     note: str = field(default="", compare=False)
 
-    @property
-    def family(self) -> str:
-        return self.name
-
     def matches(self, model: nn.Module) -> bool:
         hit = any(c.__name__ in self.classes and c.__module__.startswith(self.module) for c in type(model).__mro__)
         return hit and all(_has_path(model, a) for a in self.requires)
 
-
-Attachment = Preset  # the name older code used
 
 _REGISTRY: dict[str, Preset] = {}
 
