@@ -37,8 +37,19 @@ def fingerprint(module: nn.Module) -> str:
 
 
 def strip_prefix(state: dict[str, torch.Tensor], prefix: str = "module.") -> dict[str, torch.Tensor]:
-    """Remove DDP/DataParallel ``module.`` prefixes wherever they occur in the key path."""
-    return {k.replace(prefix, "") if k.startswith(prefix) or f".{prefix}" in k else k: v for k, v in state.items()}
+    """Keys without a *leading* DDP/DataParallel ``module.`` (repeated for nested wrappers).
+
+    Only the start of a key is touched: ``encoder.submodule.weight`` keeps its name. Uses
+    ``torch.nn.modules.utils.consume_prefix_in_state_dict_if_present``; returns a new dict.
+    """
+    from collections import OrderedDict
+
+    from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
+
+    out = OrderedDict(state)
+    while any(k.startswith(prefix) for k in out):
+        consume_prefix_in_state_dict_if_present(out, prefix)
+    return dict(out)
 
 
 def _umask() -> int:
@@ -304,13 +315,21 @@ def load(path: str | os.PathLike, segmenter: nn.Module, check_base: bool = True,
     w = meta["wrap"]
     kwargs = dict(head=w["head"], feature=w.get("feature"), block=BlockConfig.from_dict(w.get("block")),
                   smoothing=tuple(w["smoothing"]) if w.get("smoothing") else None)
+    for key in ("adapter", "logits"):
+        if w.get(key) is not None:
+            kwargs[key] = w[key]
     kwargs.update(wrap_kwargs)
     model = wrap(segmenter, **kwargs)
-    got = (model.bare_addon.feature_channels, model.bare_addon.head_channels)
-    if got != (w["feature_channels"], w["head_channels"]):
-        raise RPLInputError(f"checkpoint {path} expects feature/head channels {w['feature_channels']}/"
-                            f"{w['head_channels']}, the given segmenter has {got[0]}/{got[1]}: it is for another model.")
-    load_addon(path, model, check_base=check_base)
+    try:  # all-or-nothing, as wrap: a checkpoint that does not fit leaves the segmenter unwrapped
+        got = (model.bare_addon.feature_channels, model.bare_addon.head_channels)
+        if got != (w["feature_channels"], w["head_channels"]):
+            raise RPLInputError(f"checkpoint {path} expects feature/head channels {w['feature_channels']}/"
+                                f"{w['head_channels']}, the given segmenter has {got[0]}/{got[1]}: it is for another "
+                                "model.")
+        load_addon(path, model, check_base=check_base)
+    except BaseException:
+        model.unwrap()
+        raise
     return model
 
 

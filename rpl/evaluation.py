@@ -61,7 +61,7 @@ from rpl.metrics import ComponentMetrics, MIoU, PixelMetrics
 from rpl.progress import make_progress
 from rpl.scores import SCORES, entropy, smooth
 from rpl.visualize import overlay
-from rpl.wrapping import RPLSegmenter, extract_logits
+from rpl.wrapping import RPLSegmenter, extract_logits, wrapper_of
 
 METHODS = ("rpl", "energy", "msp", "maxlogit", "entropy", "mcdropout")
 POST_HOC = tuple(SCORES)
@@ -274,33 +274,14 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 # -- MC dropout --------------------------------------------------------------------------------
-def _rpl_hooks(module: nn.Module, owners: Sequence[RPLSegmenter]):
-    for hooks in (module._forward_hooks, module._forward_pre_hooks):
-        for key, hook in list(hooks.items()):
-            if any(getattr(hook, "__self__", None) is o for o in owners):
-                yield hooks, key
-
-
 def dropout_copy(segmenter: nn.Module) -> nn.Module:
     """A copy of ``segmenter`` in eval mode except its dropout layers, for MC dropout.
 
-    The copy keeps the frozen model itself in eval mode (its dropout never switches on). Hooks an
-    RPL wrapper placed on the segmenter are left out of the copy (the wrapper is not copied).
+    The copy keeps the frozen model itself in eval mode (its dropout never switches on). A segmenter
+    wrapped by RPL is copied without the wrapper's hooks (``RPLSegmenter.segmenter_copy``).
     """
-    owners: list[RPLSegmenter] = []
-    for m in segmenter.modules():
-        for hooks in (m._forward_hooks, m._forward_pre_hooks):
-            for hook in hooks.values():
-                owner = getattr(hook, "__self__", None)
-                if isinstance(owner, RPLSegmenter) and all(owner is not o for o in owners):
-                    owners.append(owner)
-    clone = copy.deepcopy(segmenter, memo={id(o): o for o in owners})
-    for m in clone.modules():
-        for hooks, key in list(_rpl_hooks(m, owners)):
-            del hooks[key]
-            for extra in ("_forward_hooks_with_kwargs", "_forward_hooks_always_called",
-                          "_forward_pre_hooks_with_kwargs"):
-                getattr(m, extra, {}).pop(key, None)
+    owner = wrapper_of(segmenter)
+    clone = owner.segmenter_copy() if owner is not None and owner.segmenter is segmenter else copy.deepcopy(segmenter)
     clone.eval()
     dropouts = [m for m in clone.modules() if isinstance(m, DROPOUT_TYPES) and m.p > 0]
     if not dropouts:
@@ -511,7 +492,7 @@ class Evaluator:
                 acc.miou = MIoU(num_classes=logits.shape[1])
             if self.wrapped:  # the same images through the bare segmenter: mIoU without the add-on
                 with self._autocast():
-                    bare = extract_logits(self.segmenter(x))
+                    bare = extract_logits(self.segmenter(x), self.model.logits_option)
                     if acc.bare_miou is None:  # first batch: the closed-set half of the (eager) wrapped forward
                         eager = logits if self.forward_model is self.model else self.model(x).logits
                         acc.identical = bool(torch.equal(bare, eager))

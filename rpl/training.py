@@ -133,7 +133,7 @@ def build_wrapped(cfg: Config, device: torch.device) -> tuple[Any, SegmenterSpec
     w = cfg.wrap
     block = BlockConfig(width=w.width, rates=w.rates, projection_dim=w.projection_dim, zero_init=w.zero_init,
                         init_from_aspp=w.init_from_aspp)
-    model = rpl.wrap(segmenter, head=w.head, feature=w.feature, block=block)
+    model = rpl.wrap(segmenter, head=w.head, feature=w.feature, block=block).train()  # wrap returns eval mode
     return model, spec
 
 
