@@ -249,7 +249,7 @@ def test_rpl_train_final_evaluation_writes_the_report(monkeypatch, tmp_path):
     import rpl.training
 
     class FakeTrainer:  # the training itself is tested in test_training.py
-        def __init__(self, cfg, work_dir, resume=False, quiet=False):
+        def __init__(self, cfg, work_dir, **options):
             self.d = types.SimpleNamespace(main=True)
 
         def fit(self):
