@@ -249,6 +249,8 @@ def test_rpl_train_final_evaluation_writes_the_report(monkeypatch, tmp_path):
     import rpl.training
 
     class FakeTrainer:  # the training itself is tested in test_training.py
+        finished = False
+
         def __init__(self, cfg, work_dir, **options):
             self.d = types.SimpleNamespace(main=True)
 
