@@ -294,7 +294,8 @@ def scaling_table(by_count: dict[int, dict[str, list[dict[str, Any]]]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="20 images of 512x1024 instead of 30 of 1024x2048")
-    parser.add_argument("--images", type=int, help="number of generated images (default 30, quick 20; 40 with --scaling)")
+    parser.add_argument("--images", type=int,
+                        help="number of generated images (default 30, quick 20; 40 with --scaling)")
     parser.add_argument("--size", help="HxW of the generated images (default 1024x2048, quick 512x1024)")
     parser.add_argument("--rounds", type=int, default=1, help="fresh processes per variant, interleaved (default 1)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated among " + ", ".join(VARIANTS))

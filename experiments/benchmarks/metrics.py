@@ -115,7 +115,8 @@ def torchmetrics_metric(thresholds, scores, labels, parts: int):
 
     def make():
         kw = {"thresholds": thresholds, "ignore_index": 255}
-        return MetricCollection({"auroc": BinaryAUROC(**kw), "ap": BinaryAveragePrecision(**kw), "roc": BinaryROC(**kw)})
+        return MetricCollection({"auroc": BinaryAUROC(**kw), "ap": BinaryAveragePrecision(**kw),
+                                 "roc": BinaryROC(**kw)})
 
     metrics = [make() for _ in range(parts)]
     for p, m in enumerate(metrics):
@@ -126,7 +127,8 @@ def torchmetrics_metric(thresholds, scores, labels, parts: int):
             metrics[0][name].merge_state(other[name])
     out = metrics[0].compute()
     fpr, tpr, _ = out["roc"]
-    return {"auroc": float(out["auroc"]), "ap": float(out["ap"]), "fpr95": float(fpr[int(torch.argmax((tpr >= 0.95).int()))])}
+    first = int(torch.argmax((tpr >= 0.95).int()))       # the first threshold with TPR >= 0.95
+    return {"auroc": float(out["auroc"]), "ap": float(out["ap"]), "fpr95": float(fpr[first])}
 
 
 def pytorch_ood_metric(scores, labels):
