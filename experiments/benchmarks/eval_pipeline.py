@@ -118,25 +118,26 @@ def dataset_folder(data_root: Path) -> Path:
 
 # -- the two pipelines -------------------------------------------------------------------------
 def rpl_eval_argv(checkpoint: Path, data_root: Path, json_path: Path, pixel_mode: str = "streaming",
-                  extra: tuple[str, ...] = ()) -> list[str]:
+                  extra: tuple[str, ...] = (), device: str = "cpu") -> list[str]:
     return ["--checkpoint", str(checkpoint), "--datasets", DATASET, "--data-root", str(data_root),
-            "--methods", ",".join(METHODS), "--device", "cpu", "--pixel-mode", pixel_mode, "--json", str(json_path),
+            "--methods", ",".join(METHODS), "--device", device, "--pixel-mode", pixel_mode, "--json", str(json_path),
             "--quiet", *extra]
 
 
 def run_rpl_eval(checkpoint: Path, data_root: Path, json_path: Path, pixel_mode: str = "streaming",
-                 extra: tuple[str, ...] = ()) -> dict[str, dict[str, float]]:
+                 extra: tuple[str, ...] = (), device: str = "cpu") -> dict[str, dict[str, float]]:
     """``rpl-eval`` in this process; returns {method: {auroc, ap, fpr95}} from its JSON."""
     from rpl.cli.eval import main
 
-    code = main(rpl_eval_argv(checkpoint, data_root, json_path, pixel_mode, extra))
+    code = main(rpl_eval_argv(checkpoint, data_root, json_path, pixel_mode, extra, device))
     if code != 0:
         raise RuntimeError(f"rpl-eval exited with {code}")
     document = json.loads(json_path.read_text())
     return {r["method"]: {k: r[k] for k in ("auroc", "ap", "fpr95")} for r in document["results"]}
 
 
-def reference_evaluate(checkpoint: Path, data_folder: Path, limit: int | None = None) -> dict[str, dict[str, float]]:
+def reference_evaluate(checkpoint: Path, data_folder: Path, limit: int | None = None,
+                       device: str = "cpu") -> dict[str, dict[str, float]]:
     """The reference code's evaluation, one image at a time, scikit-learn on host arrays at the end."""
     from PIL import Image
     from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
@@ -148,13 +149,13 @@ def reference_evaluate(checkpoint: Path, data_folder: Path, limit: int | None = 
     from rpl.scores import SCORES
 
     spec = SegmenterSpec.from_dict(read_metadata(checkpoint)["extra"]["segmenter"])
-    model = rpl.load(checkpoint, build_segmenter(spec, base_dir=checkpoint.parent)).eval()
+    model = rpl.load(checkpoint, build_segmenter(spec, base_dir=checkpoint.parent).to(device)).eval()
     scores: dict[str, list[np.ndarray]] = {m: [] for m in METHODS}
     labels: list[np.ndarray] = []
     for image_path in sorted((data_folder / "images").glob("*.png"))[:limit]:
         image = Image.open(image_path).convert("RGB")
         label = np.array(Image.open(data_folder / "labels_masks" / image_path.name))
-        x = normalize(to_tensor(image), MEAN, STD)[None]
+        x = normalize(to_tensor(image), MEAN, STD)[None].to(device)
         with torch.no_grad():
             out = model(x)
             maps = {"rpl": out.anomaly, **{m: SCORES[m](out.logits) for m in METHODS if m != "rpl"}}
@@ -209,11 +210,11 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     engine_ips = None
     with ChildrenMemory() as workers:
         if spec["variant"] == "reference":
-            metrics = reference_evaluate(checkpoint, dataset_folder(data_root), limit)
+            metrics = reference_evaluate(checkpoint, dataset_folder(data_root), limit, spec["device"])
         else:
             json_path = Path(spec["json"])
             extra = ("--limit", str(limit)) if limit else ()
-            metrics = run_rpl_eval(checkpoint, data_root, json_path, variant["pixel_mode"], extra)
+            metrics = run_rpl_eval(checkpoint, data_root, json_path, variant["pixel_mode"], extra, spec["device"])
             engine_ips = json.loads(json_path.read_text())["datasets"][DATASET]["images_per_second"]
     seconds = time.perf_counter() - t0
     children = resource.getrusage(resource.RUSAGE_CHILDREN)          # DataLoader workers, once joined
@@ -241,12 +242,12 @@ def prepare(workdir: Path, count: int, height: int, width: int) -> tuple[Path, P
 
 
 def measure(variants: list[str], rounds: int, data_root: Path, checkpoint: Path, workdir: Path,
-            threads: int | None, limit: int | None = None) -> dict[str, list[dict[str, Any]]]:
+            threads: int | None, limit: int | None = None, device: str = "cpu") -> dict[str, list[dict[str, Any]]]:
     runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
     for r in range(rounds):
         for variant in variants:
             spec = {"variant": variant, "checkpoint": str(checkpoint), "data_root": str(data_root),
-                    "json": str(workdir / f"result_{r}.json"), "limit": limit}
+                    "json": str(workdir / f"result_{r}.json"), "limit": limit, "device": device}
             runs[variant].append(run_worker(__file__, spec, threads))
             last = runs[variant][-1]
             print(f"  {limit or 'all'} images, round {r + 1}/{rounds} {variant}: {last['seconds']:.1f} s wall, "
@@ -301,6 +302,8 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated among " + ", ".join(VARIANTS))
     parser.add_argument("--workdir", help="keep the generated data and checkpoint here (reused when they match)")
     parser.add_argument("--scaling", action="store_true", help="evaluate the first 10, 20 and 40 images instead")
+    parser.add_argument("--device", default="cpu", help="where both pipelines run the model and the scores: cpu "
+                                                        "(default) or cuda")
     add_common_arguments(parser)
     args = parser.parse_args()
     if served_as_worker(args, worker):
@@ -324,13 +327,16 @@ def main() -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         data_root, checkpoint = prepare(workdir, count, height, width)
         if counts:
-            by_count = {c: measure(variants, 1, data_root, checkpoint, workdir, args.threads, c) for c in counts}
+            by_count = {c: measure(variants, 1, data_root, checkpoint, workdir, args.threads, c, args.device)
+                        for c in counts}
             raw["scaling"] = {str(c): runs for c, runs in by_count.items()}
-            print(f"\nScaling, images of {height}x{width}, methods {', '.join(METHODS)}, CPU\n")
+            print(f"\nScaling, images of {height}x{width}, methods {', '.join(METHODS)}, {args.device}\n")
             print(scaling_table(by_count), flush=True)
         else:
-            raw["runs"] = measure(variants, args.rounds, data_root, checkpoint, workdir, args.threads, count)
-            print(f"\n{count} images of {height}x{width}, methods {', '.join(METHODS)}, CPU, {args.rounds} round(s)\n")
+            raw["runs"] = measure(variants, args.rounds, data_root, checkpoint, workdir, args.threads, count,
+                                  args.device)
+            print(f"\n{count} images of {height}x{width}, methods {', '.join(METHODS)}, {args.device}, "
+                  f"{args.rounds} round(s)\n")
             print(main_table(raw["runs"], count), flush=True)
     write_json(args.json, raw)
 
