@@ -233,6 +233,8 @@ def main() -> None:
                                            timeout=args.timeout)
             except Exception as err:  # noqa: BLE001 - a stopped or failed peer is a row, not the end
                 results[name] = {"error": str(err).splitlines()[0][:200]}
+            raw["runs"][f"{n:.0e}"] = results
+            write_json(args.json, raw)                      # after every row: a stopped run keeps its rows
             r = results[name]
             print(f"  {n:.0e} {name}: " + (f"{r['cpu']:.2f} s CPU, {r['wall']:.2f} s wall"
                                           if "cpu" in r else r["error"]), flush=True)
