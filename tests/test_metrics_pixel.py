@@ -448,3 +448,89 @@ def test_curve_is_the_one_the_metrics_are_read_from(mode):
     thinned = m.curve(max_points=50)
     assert len(thinned["roc"]["fpr"]) <= 52 and thinned["roc"]["fpr"][-1] == 1.0
     assert m.compute() == r  # reading the curve changes no metric
+
+
+# ---------------------------------------------------------------- streaming histogram internals
+
+def plain_histogram(scores: np.ndarray, labels: np.ndarray, bits: int) -> np.ndarray:
+    """The streaming counts written the straightforward way: one bincount over every valid code."""
+    acc = HistogramAccumulator(bits)
+    valid = labels != 255
+    codes = acc._codes(scores[valid].view(np.int32).astype(np.int64)) | labels[valid]
+    return np.bincount(codes, minlength=acc.size)
+
+
+def hard_score_maps(kind: str, n: int, rng) -> np.ndarray:
+    """Scores that stress the bucketing: zero crossings, unbounded energies, many binades, ties,
+    infinities, signed zeros, denormals and exact bin edges."""
+    if kind == "normal":
+        return rng.standard_normal(n, dtype=np.float32)
+    if kind == "energy":                    # -logsumexp-like, with a long unbounded tail
+        return (-8 + 2 * rng.standard_normal(n) - rng.exponential(20, n) * (rng.random(n) < 0.01)
+                ).astype(np.float32)
+    if kind == "binades":
+        return (rng.choice([-1.0, 1.0], n) * 2.0 ** rng.integers(-140, 128, n)).astype(np.float32)
+    if kind == "ties":
+        return np.round(rng.standard_normal(n), 1).astype(np.float32)
+    special = np.array([np.inf, -np.inf, 0.0, -0.0, 1e-45, -1e-45, 1e-40, -1.0, 1.0, -2.0, 0.5,
+                        3.4e38, -3.4e38], np.float32)
+    scores = rng.standard_normal(n, dtype=np.float32) * 3
+    pick = rng.random(n) < 0.2
+    scores[pick] = rng.choice(special, int(pick.sum()))
+    return scores
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("kind", ["normal", "energy", "binades", "ties", "special"])
+def test_streaming_counts_equal_a_plain_bincount(kind, compiled):
+    if compiled:
+        pytest.importorskip("numba")
+    rng = np.random.default_rng(sum(map(ord, kind)))
+    n = (1 << 20) + 12345                    # at least one compiled-size update and a partial block
+    scores = hard_score_maps(kind, n, rng)
+    labels = (rng.random(n) < 0.1).astype(np.uint8)
+    labels[rng.random(n) < 0.15] = 255
+    labels[: n // 50] = 255                  # a void stretch, as the ego vehicle
+    for bits in (12, 23, 24):
+        acc = HistogramAccumulator(bits, compiled=compiled)
+        acc.add(scores[: n - 1000], labels[: n - 1000])
+        acc.add(scores[n - 1000:], labels[n - 1000:])  # a small second update
+        expected = plain_histogram(scores, labels, bits)
+        assert np.array_equal(acc.hist, expected), (kind, bits)
+        occupied = np.flatnonzero(expected)
+        assert acc.lo <= occupied[0] and acc.hi >= occupied[-1]
+        assert acc.counts() == (int(np.count_nonzero(labels == 1)), int(np.count_nonzero(labels == 0)))
+
+
+def test_streaming_numpy_and_compiled_paths_give_identical_metrics():
+    pytest.importorskip("numba")
+    scores, labels = smooth_score_maps(3, seed=12)           # 1.5 M pixels in one update
+    by_numpy, compiled = PixelMetrics(mode="streaming"), PixelMetrics(mode="streaming")
+    by_numpy._acc.compiled = False
+    by_numpy.update(scores, labels)
+    compiled.update(scores, labels)
+    assert by_numpy.compute() == compiled.compute()
+
+
+def test_one_nan_among_many_pixels_is_refused_and_leaves_the_state_alone():
+    rng = np.random.default_rng(13)
+    scores = rng.standard_normal((2, 600, 1000)).astype(np.float32)
+    labels = (rng.random(scores.shape) < 0.2).astype(np.uint8)
+    m = PixelMetrics(mode="streaming")
+    m.update(scores[:1], labels[:1])
+    before = m.compute()
+    bad = scores[1:].copy()
+    bad[0, 599, 999] = np.nan                               # the very last pixel
+    with pytest.raises(RPLInputError, match="NaN"):
+        m.update(bad, labels[1:])
+    assert m.compute() == before
+
+
+@pytest.mark.parametrize("value", [2, 128, 254])
+def test_stray_label_values_are_found_by_the_fast_label_check(value):
+    labels = np.zeros((300, 400), np.uint8)
+    labels[::7] = 1
+    labels[::11] = 255
+    labels[299, 399] = value
+    with pytest.raises(RPLInputError, match=rf"found values \[{value}\]"):
+        PixelMetrics(mode="streaming").update(np.zeros((300, 400), np.float32), labels)

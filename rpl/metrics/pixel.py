@@ -90,8 +90,11 @@ class PixelMetrics:
         if self._synced:
             raise RuntimeError("PixelMetrics.update after sync(): call reset() to start again")
         s, lab = check_scores_labels(scores, labels, "PixelMetrics.update")
-        valid = lab != IGNORE
-        per_image = valid.reshape(1 if lab.ndim == 2 else lab.shape[0], -1).sum(1)
+        frames = lab.reshape(1 if lab.ndim == 2 else lab.shape[0], -1)
+        if isinstance(frames, np.ndarray):          # count_nonzero per frame: no bool-array sum
+            per_image = frames.shape[1] - np.array([np.count_nonzero(f == IGNORE) for f in frames])
+        else:
+            per_image = (frames != IGNORE).sum(1)
         self.n_images += int(per_image.shape[0])
         self.n_empty_images += int((per_image == 0).sum())
         self.n_ignored += int(lab.size if isinstance(lab, np.ndarray) else lab.numel()) - int(per_image.sum())
