@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import rpl
-from rpl.cli.common import add_debug_flag, run_command
+from rpl.cli.common import EXIT_BAD_INPUT, add_debug_flag, run_command
+from rpl.cli.outputs import check_file, check_folder, write_all, write_atomic  # noqa: F401 (write_atomic: API)
 from rpl.data.registry import dataset_names
 from rpl.errors import RPLInputError
 from rpl.evaluation import (BARE_SEGMENTER, CLOSED_SET, COMPILE_MODES, EvalOptions, Evaluator, Preprocess,
@@ -142,26 +143,6 @@ def _device(value: str | None):
     if value.startswith("cuda") and not torch.cuda.is_available():
         raise RPLInputError(f"--device {value}: CUDA is not available on this machine; use --device cpu.")
     return torch.device(value)
-
-
-def _output_path(value: str | None, option: str) -> Path | None:
-    if value is None:
-        return None
-    path = Path(value)
-    if path.is_dir():
-        raise RPLInputError(f"{option} {path} is a folder; expected a file name to write.")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write to a temporary name next to ``path`` and rename: an interrupted run leaves the old file intact."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # -- the model ---------------------------------------------------------------------------------
@@ -356,14 +337,19 @@ class VisualSink:
         self.folder, self.keep = folder, keep
         self.kept: list[tuple[str, str, str, Any]] = []
         self.written = 0
+        self.error: str | None = None  # the first failed write; overlays stop there, the evaluation goes on
 
     def __call__(self, dataset: str, method: str, name: str, rgb) -> None:
         from rpl.data.io import write_image
         from rpl.visualize import file_stem
 
-        if self.folder is not None:
-            write_image(self.folder / dataset / method / f"{file_stem(name)}.png", rgb)
-            self.written += 1
+        if self.folder is not None and self.error is None:
+            path = self.folder / dataset / method / f"{file_stem(name)}.png"
+            try:
+                write_image(path, rgb)
+                self.written += 1
+            except (OSError, RPLInputError) as err:
+                self.error = f"{path}: {getattr(err, 'strerror', None) or err}"
         if sum(1 for d, m, _, _ in self.kept if (d, m) == (dataset, method)) < self.keep:
             self.kept.append((dataset, method, name, rgb))
 
@@ -409,12 +395,9 @@ def _run(args: argparse.Namespace) -> int:
                           vis_limit=args.vis_limit if args.save_vis else WANDB_OVERLAYS, compile=args.compile)
     options.check()
     preprocess = resolve_preprocess(source, args)
-    outputs = {k: _output_path(getattr(args, k), f"--{k}") for k in ("json", "csv", "markdown")}
-    vis_dir = Path(args.save_vis) if args.save_vis else None
-    if vis_dir is not None:
-        if vis_dir.exists() and not vis_dir.is_dir():
-            raise RPLInputError(f"--save-vis {vis_dir} is a file; expected a folder for the overlays.")
-        vis_dir.mkdir(parents=True, exist_ok=True)
+    # every output proven writable before any data is read or model built
+    outputs = {k: check_file(getattr(args, k, None), f"--{k}") for k in ("json", "csv", "markdown")}
+    vis_dir = check_folder(args.save_vis, "--save-vis")
 
     names, data_root = resolve_datasets(args)
     entries = open_datasets(names, data_root)  # layouts checked before the model loads
@@ -457,19 +440,21 @@ def _evaluate_and_report(args: argparse.Namespace, model: Any, options: EvalOpti
 
     document = sanitize({"results": report.results, **document, "datasets": report.datasets, "notes": report.notes})
     caption = f"pixel mode {args.pixel_mode}, FPR@95 rule {args.fpr_rule}"
-    if outputs["json"]:
-        write_atomic(outputs["json"], json.dumps(document, indent=2, allow_nan=False) + "\n")
-    if outputs["csv"]:
-        write_atomic(outputs["csv"], to_csv(document["results"]))
-    if outputs["markdown"]:
-        write_atomic(outputs["markdown"], to_markdown(document["results"], args.components, caption))
-    print_table(document["results"], args.components, caption)
-    written = [str(p) for p in outputs.values() if p] + ([f"{sink.written} overlays in {vis_dir}"] if vis_dir else [])
+    print_table(document["results"], args.components, caption)  # first: a failed write cannot hide it
+    texts = {"json": lambda: json.dumps(document, indent=2, allow_nan=False) + "\n",
+             "csv": lambda: to_csv(document["results"]),
+             "markdown": lambda: to_markdown(document["results"], args.components, caption)}
+    written, ok = write_all([(f"--{k}", p, texts[k]()) for k, p in outputs.items() if p], "rpl-eval")
+    if vis_dir:
+        written.append(f"{sink.written} overlays in {vis_dir}")
+        if sink.error:
+            ok = False
+            print(f"rpl-eval: error: --save-vis stopped after {sink.written} overlays: {sink.error}", file=sys.stderr)
     if written:
         print("Wrote " + ", ".join(written), file=sys.stderr)
     if run is not None:
         log_wandb(run, document["results"], sink.kept if sink else [])
-    return 0
+    return 0 if ok else EXIT_BAD_INPUT  # results kept (table, fallback files), but not where asked
 
 
 def main(argv: Sequence[str] | None = None) -> int:
