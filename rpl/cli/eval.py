@@ -98,6 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="torch.compile the forward with this mode (reduce-overhead uses CUDA graphs on GPU); "
                           "the first images pay the compile time")
     run.add_argument("--batch-size", type=int, default=1)
+    run.add_argument("--memory-budget", type=float, metavar="GB",
+                     help="memory one forward may use; an image whose estimated peak exceeds it is refused before "
+                          "it runs, with --resize advice (default: the free device memory)")
     run.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1))
     run.add_argument("--limit", type=int, help="evaluate only the first N images of each dataset")
     add_debug_flag(p)
@@ -392,7 +395,8 @@ def _run(args: argparse.Namespace) -> int:
                           components=args.components, smooth_baselines=args.smooth_baselines,
                           mc_samples=args.mc_samples, amp=args.amp, batch_size=args.batch_size,
                           num_workers=args.num_workers, limit=args.limit, seed=args.seed, progress=not args.quiet,
-                          vis_limit=args.vis_limit if args.save_vis else WANDB_OVERLAYS, compile=args.compile)
+                          vis_limit=args.vis_limit if args.save_vis else WANDB_OVERLAYS, compile=args.compile,
+                          memory_budget=args.memory_budget)
     options.check()
     preprocess = resolve_preprocess(source, args)
     # every output proven writable before any data is read or model built
