@@ -286,6 +286,7 @@ class Trainer:
                                       str(path))
         record = {"step": state["progress"]["step"], "changes": {k: list(v) for k, v in changes.items()}}
         self.resume_changes = json.loads(state.get("resume_changes", "[]")) + ([record] if changes else [])
+        configured = [g["initial_lr"] for g in self.optimizer.param_groups]  # this config's rates
         self.model.bare_addon.load_state_dict(state["addon"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -293,9 +294,9 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         self.progress = Progress(**state["progress"])
         if changes:  # the loaded optimiser/scheduler hold the old rates: continue on the new schedule
-            o, sched = self.cfg.optim, self.scheduler
-            sched.base_lrs = [o.lr, o.lr * o.last_layer_lr_mult]
-            for group, base, factor in zip(self.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas):
+            sched = self.scheduler
+            sched.base_lrs = configured
+            for group, base, factor in zip(self.optimizer.param_groups, configured, sched.lr_lambdas):
                 group["initial_lr"], group["lr"] = base, base * factor(sched.last_epoch)
         torch.set_rng_state(state["rng"]["torch"])
         self.loss_generator.set_state(state["rng"]["loss"])

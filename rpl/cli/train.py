@@ -43,11 +43,12 @@ def _run(args: argparse.Namespace) -> int:
     if args.allow_changes and not args.resume:
         raise RPLInputError("--allow-changes only applies to --resume (it lists the config keys a resumed run may "
                             "change).")
-    from rpl.training import Trainer
     from rpl.workdir import hold_work_dir
 
     main_rank = int(os.environ.get("RANK", "0")) == 0  # one lock per run, held by rank 0
     with hold_work_dir(args.work_dir, quiet=args.quiet) if main_rank else contextlib.nullcontext() as lock:
+        from rpl.training import Trainer  # torch loads once the work dir is ours: a refusal comes at once
+
         trainer = Trainer(cfg, args.work_dir, resume=args.resume, quiet=args.quiet,
                           run_id=lock.run_id if lock else None,
                           allow_changes=tuple(args.allow_changes.split(",")))
