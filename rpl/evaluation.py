@@ -48,15 +48,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TaskID, TextColumn,
-                           TimeElapsedColumn, TimeRemainingColumn)
-from rich.text import Text
+from rich.progress import Progress, TaskID
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from rpl.errors import RPLInputError
 from rpl.memory import MemoryGuard
 from rpl.metrics import ComponentMetrics, MIoU, PixelMetrics
+from rpl.progress import make_progress
 from rpl.scores import SCORES, entropy, smooth
 from rpl.visualize import overlay
 from rpl.wrapping import RPLSegmenter, extract_logits
@@ -291,19 +290,6 @@ def dropout_copy(segmenter: nn.Module) -> nn.Module:
     for m in dropouts:
         m.train()
     return clone
-
-
-# -- progress ----------------------------------------------------------------------------------
-class ImagesPerSecond(ProgressColumn):
-    def render(self, task) -> Text:
-        speed = task.finished_speed or task.speed
-        return Text("-- img/s" if speed is None else f"{speed:.1f} img/s", style="progress.data.speed")
-
-
-def make_progress(console: Console | None, enabled: bool) -> Progress:
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), ImagesPerSecond(),
-                    TimeElapsedColumn(), TimeRemainingColumn(), console=console or Console(stderr=True),
-                    disable=not enabled)
 
 
 # -- the engine --------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,8 +30,9 @@ from rpl.checkpoint import fingerprint
 from rpl.config import REPO_ROOT, Config, dump_config
 from rpl.errors import RPLInputError
 from rpl.losses import LossWeights, rpl_loss
-from rpl.models.loading import SegmenterSpec, build_segmenter
-from rpl.workdir import changes_comment, check_resume_config, new_run_id, safetensors_step
+from rpl.models.loading import SHIPPED_WEIGHTS, SegmenterSpec, build_segmenter
+from rpl.workdir import (RUN_FILES, changes_comment, check_resume_config, check_work_dir,  # noqa: F401 (RUN_FILES)
+                         new_run_id, safetensors_step)
 
 
 class TrainingDiverged(RPLInputError):
@@ -146,13 +148,9 @@ def prepare_datasets(cfg: Config, d: Dist) -> tuple[Any, Any]:
     root = Path(cfg.data.root)
     if cfg.data.generate_synthstreets:
         if d.main:
-            from rpl.data.synthstreets import generate, regenerate_if_outdated
+            from rpl.data.synthstreets import ensure_generated
 
-            if not cfg.data_path("inliers").exists():
-                print(f"SynthStreets not found under {root}: generating it (once).")
-                generate(root, seed=0)
-            else:
-                regenerate_if_outdated(root)
+            ensure_generated(root, seed=0, hint=" (data.root; --set data.root=DIR puts it elsewhere)")
         d.barrier()
     inliers = list_cityscapes(cfg.data_path("inliers"), cfg.data.train_split)
     val_inliers = list_cityscapes(cfg.data_path("inliers"), cfg.data.val_split)
@@ -204,9 +202,10 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
 
 class Trainer:
     def __init__(self, cfg: Config, work_dir: str | Path, resume: bool = False, quiet: bool = False,
-                 run_id: str | None = None, allow_changes: tuple[str, ...] = ()):
+                 overwrite: bool = False, run_id: str | None = None, allow_changes: tuple[str, ...] = ()):
         self.cfg, self.work_dir, self.quiet = cfg, Path(work_dir), quiet
         self.run_id, self.allow_changes, self.resume_changes = run_id or new_run_id(), allow_changes, []
+        check_work_dir(self.work_dir, resume, overwrite, main=int(os.environ.get("RANK", "0")) == 0)
         self.device = resolve_device(cfg.train.device)
         if self.device.type == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -226,6 +225,7 @@ class Trainer:
         self.loss_weights = LossWeights(**asdict(cfg.loss))
         self.loss_generator = torch.Generator().manual_seed(cfg.train.seed * 1000 + self.d.rank)
         self.progress = Progress()
+        self._bar = None  # the live progress display while ``fit`` runs (validation adds its row to it)
         if self.d.active:
             if self.device.type == "cuda":
                 addon = torch.nn.SyncBatchNorm.convert_sync_batchnorm(addon)
@@ -242,12 +242,32 @@ class Trainer:
         self._wandb = self._init_wandb()
 
     # checkpoints ---------------------------------------------------------------------------
+    def _recorded_weights(self) -> str | None:
+        """The segmenter weights path to record, relative to the work dir and inside it (or the shipped
+        ``weights/``): a checkpoint may only point next to itself, so weights from elsewhere are
+        hard-linked (copied across file systems) into the work dir once."""
+        if not self.spec.weights:
+            return None
+        if getattr(self, "_weights_record", None) is None:
+            wpath = Path(self.spec.weights)
+            wpath = (wpath if wpath.is_absolute() or wpath.exists() else REPO_ROOT / wpath).resolve()
+            work = self.work_dir.resolve()
+            if not (wpath.is_relative_to(work) or wpath.is_relative_to(SHIPPED_WEIGHTS)):
+                local = work / f"segmenter{''.join(wpath.suffixes[-1:])}"
+                if not (local.exists() and local.samefile(wpath)):
+                    tmp = local.with_name(f".{local.name}.tmp{os.getpid()}")
+                    try:
+                        os.link(wpath, tmp)
+                    except OSError:
+                        shutil.copyfile(wpath, tmp)
+                    os.replace(tmp, local)
+                wpath = local
+            self._weights_record = os.path.relpath(wpath, work)
+        return self._weights_record
+
     def _extra(self, metrics: dict[str, Any] | None = None) -> dict[str, Any]:
         spec = self.spec.to_dict()
-        if spec.get("weights"):
-            wpath = Path(spec["weights"])
-            wpath = wpath if wpath.is_absolute() or wpath.exists() else REPO_ROOT / wpath
-            spec["weights"] = os.path.relpath(wpath.resolve(), self.work_dir.resolve())
+        spec["weights"] = self._recorded_weights()
         return {"segmenter": spec, "train_config": self.cfg.to_dict(), "step": self.progress.step,
                 "metrics": metrics or {}, "run_id": self.run_id, "resume_changes": self.resume_changes}
 
@@ -305,8 +325,13 @@ class Trainer:
             (self.work_dir / "config.yaml").write_text(dump_config(self.cfg) + history)
             if changes or safetensors_step(self.work_dir / "last.safetensors") != self.progress.step:
                 self.save_checkpoint(json.loads(state.get("metrics", "{}")))  # the pair agrees again
-        if self.d.main and not self.quiet:
+        if self.d.main and not self.quiet and not self.finished:
             print(f"Resumed from {path} at step {self.progress.step}.")
+
+    @property
+    def finished(self) -> bool:
+        """All ``total_steps`` are done (a resumed finished run has nothing left to train)."""
+        return self.progress.step >= self.total_steps
 
     def _init_wandb(self) -> Any:
         mode = self.cfg.train.wandb
@@ -410,6 +435,8 @@ class Trainer:
         n = len(self.val_set) if self.cfg.train.val_limit is None else min(len(self.val_set), self.cfg.train.val_limit)
         loader = DataLoader(torch.utils.data.Subset(self.val_set, range(n)), batch_size=self.cfg.optim.batch_size,
                             num_workers=self.cfg.data.num_workers)
+        bar = self._bar
+        task = bar.add_task("val", total=n) if bar is not None else None
         try:
             for batch in loader:
                 images = batch["image"].to(self.device)
@@ -418,7 +445,11 @@ class Trainer:
                 target = batch["target"].to(self.device)
                 labels = torch.where(target == 254, 1, torch.where(target == 255, 255, 0)).to(torch.uint8)
                 metric.update(out.anomaly, labels)
+                if task is not None:
+                    bar.advance(task, len(images))
         finally:
+            if task is not None:
+                bar.remove_task(task)
             model.addon = addon
             model.train()
         return {k: float(v) for k, v in metric.compute().items() if k in ("auroc", "ap", "fpr95")}
@@ -439,18 +470,24 @@ class Trainer:
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"])
 
+    def _loss_line(self, losses: dict[str, float] | None, lr: float) -> str:
+        """``step 10/150: total 14.4 ce 0.162 ... lr 4.7e-04``: the periodic log line above the bar."""
+        shown = " ".join(f"{k} {losses[k]:.3g}" for k in ("total", "ce", "entropy", "outlier", "contrastive")
+                         if k in (losses or {}))
+        return f"step {self.progress.step}/{self.total_steps}: {shown or 'step skipped'} lr {lr:.1e}"
+
     def fit(self) -> dict[str, Any]:
-        from rich.progress import BarColumn, Progress as Bar, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rpl.progress import make_progress
 
         p, cfg = self.progress, self.cfg
-        bar = Bar(TextColumn("[bold]train"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.description}"),
-                  disable=self.quiet or not self.d.main)
+        show = not self.quiet and self.d.main
+        bar = make_progress(enabled=show)
+        self._bar = bar if show else None
         images_per_step = cfg.optim.batch_size * self.d.world * (2 if self.loss_weights.contrastive > 0 else 1)
         started, step_times, last = time.perf_counter(), [], None
         val_metrics: dict[str, float] = {}
         with bar:
-            task = bar.add_task("", total=self.total_steps, completed=p.step)
+            task = bar.add_task("train", total=self.total_steps, completed=p.step)
             while p.step < self.total_steps:
                 for batch in self._loader(p.epoch, p.epoch_step):
                     t0 = time.perf_counter()
@@ -465,10 +502,9 @@ class Trainer:
                         lr = self.optimizer.param_groups[0]["lr"]
                         record = {"step": p.step, "lr": lr, "img_per_s": ips, "skipped": p.skipped, **(last or {})}
                         self._log(record)
-                        bar.update(task, description=" ".join(
-                            f"{k} {v:.3f}" for k, v in (last or {}).items() if k in ("total", "ce", "entropy",
-                                                                                     "outlier", "contrastive"))
-                            + f" lr {lr:.1e} {ips:.1f} img/s")
+                        bar.update(task, ips=ips)
+                        if show:
+                            bar.console.print(self._loss_line(last, lr), soft_wrap=True, highlight=False)
                         step_times.clear()
                     bar.update(task, completed=p.step)
                     val_due = cfg.train.val_every and p.step % cfg.train.val_every == 0
@@ -507,7 +543,12 @@ class Trainer:
         if self.d.main:
             metrics = self.validate()
             self._log({"step": self.progress.step, **{f"val_{k}": v for k, v in metrics.items()}})
-            if metrics.get("ap", -1.0) > self.progress.best_ap:
+            best = metrics.get("ap", -1.0) > self.progress.best_ap
+            if self._bar is not None:
+                self._bar.console.print(f"step {self.progress.step}/{self.total_steps}: held-out val " + " ".join(
+                    f"{k.upper()} {100 * v:.2f}" for k, v in metrics.items()) + " %" + (" (best so far)" if best else ""),
+                    soft_wrap=True, highlight=False)
+            if best:
                 self.progress.best_ap, self.progress.best_step = metrics["ap"], self.progress.step
                 rpl.save(self.work_dir / "best.safetensors", self.model,
                          extra=self._extra({"val": metrics}), base_fingerprint=self.base_fingerprint)

@@ -1,10 +1,14 @@
-"""One run per work dir: an OS file lock, a run id, stale temporary files removed, a consistent checkpoint pair.
+"""One run per work dir: an OS file lock, no accidental overwrite, a run id, stale temporaries removed, a
+consistent checkpoint pair, and a resume that checks its config.
 
 ``rpl-train`` holds ``WORK_DIR/.rpl-train.lock`` with ``fcntl.flock`` for the whole run. The OS
 drops the lock when the holding process dies (even on SIGKILL), so a second run on the same
 directory is refused at once while the first lives, and a killed run's lock is simply taken over
 (the file's recorded pid says whose it was). The lock file also records the run id that every
 ``log.jsonl`` row carries, so interleaved histories stay attributable.
+
+A work dir that already holds a run is refused unless ``--resume`` continues it or ``--overwrite``
+deletes it (``check_work_dir``), so a finished run is never silently replaced.
 
 Checkpoints are written to ``.NAME.tmp<pid>`` and renamed; a kill before the rename leaves such a
 file behind. While we hold the lock no other run can be writing, so every one of them is stale and
@@ -150,6 +154,34 @@ def _read_holder(fh: Any) -> dict[str, Any]:
     except (OSError, ValueError):
         return {}
     return record if isinstance(record, dict) else {}
+
+
+# -- what a work dir holds --------------------------------------------------------------------------
+RUN_FILES = ("config.yaml", "log.jsonl", "last.pt", "last.safetensors", "best.safetensors", "summary.json",
+             "eval.json")
+
+
+def check_work_dir(work_dir: Path, resume: bool, overwrite: bool, main: bool = True) -> None:
+    """Never replace an earlier run by accident: a work dir holding one needs --resume or --overwrite.
+
+    With ``overwrite`` the earlier run's files are deleted (on the main process) before anything new
+    is written, so its log is not appended to and no stale ``best.safetensors`` survives.
+    """
+    if resume and overwrite:
+        raise RPLInputError("--resume and --overwrite exclude each other: --resume continues the run in --work-dir, "
+                            "--overwrite deletes it and starts again.")
+    present = [name for name in RUN_FILES if (work_dir / name).exists()]
+    if resume or not present:
+        return
+    if overwrite:
+        if main:
+            for name in present:
+                (work_dir / name).unlink()
+        return
+    state = "a finished run" if (work_dir / "summary.json").is_file() else "an unfinished run"
+    raise RPLInputError(f"--work-dir {work_dir} already holds {state} ({', '.join(present)}); nothing was changed. "
+                        "Use --resume to continue it (a finished one is only evaluated again, with --evaluate), "
+                        "--work-dir DIR to start a new run elsewhere, or --overwrite to delete it and start again.")
 
 
 def remove_stale_temporaries(work_dir: str | os.PathLike) -> list[Path]:
