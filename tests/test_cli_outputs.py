@@ -43,7 +43,7 @@ def no_model(monkeypatch):
         raise AssertionError("the model was built before the outputs were checked")
 
     monkeypatch.setattr(cli, "build_model", refuse)
-    monkeypatch.setattr(cli, "open_datasets", refuse)
+    monkeypatch.setattr("rpl.evaluation.open_datasets", refuse)  # imported by rpl-eval when it runs
 
 
 @pytest.mark.parametrize("option", ["--json", "--csv", "--markdown", "--save-vis"])

@@ -29,8 +29,10 @@ def _existing_ancestor(path: Path) -> Path:
     return Path(".")
 
 
-def check_folder(value: str | os.PathLike | None, option: str) -> Path | None:
-    """``value`` as a folder that exists (created if needed) and accepts a new file, or an error."""
+def check_folder(value: str | os.PathLike | None, option: str, named: str | None = None) -> Path | None:
+    """``value`` as a folder that exists (created if needed) and accepts a new file, or an error.
+
+    ``named`` is how the message names the target (default ``OPTION FOLDER``)."""
     if value is None:
         return None
     folder = Path(value)
@@ -44,8 +46,8 @@ def check_folder(value: str | os.PathLike | None, option: str) -> Path | None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as err:
-        raise RPLInputError(f"{option} {folder} cannot be written ({_reason(err)}); choose a writable location. "
-                            "Nothing was computed.") from None
+        raise RPLInputError(f"{named or f'{option} {folder}'} cannot be written ({_reason(err)}); choose a writable "
+                            "location. Nothing was computed.") from None
     return folder
 
 
@@ -59,7 +61,7 @@ def check_file(value: str | os.PathLike | None, option: str) -> Path | None:
     base = _existing_ancestor(path.parent)
     if not base.is_dir():
         raise RPLInputError(f"{option} {path} is under {base}, which is a file; expected a path in a folder.")
-    check_folder(path.parent, option)
+    check_folder(path.parent, option, named=f"{option} {path}: its folder {path.parent}")
     return path
 
 
