@@ -72,13 +72,15 @@ class MemoryGuard:
         self.checked: set[tuple[int, int, int]] = set()
 
     def _classes(self, x: torch.Tensor) -> int:
-        """The number of classes, from one forward of a 64x64 crop (negligible memory)."""
+        """The number of classes, read without a forward: the output channels of the head's (or the model's)
+        last convolution, the classifier in every family we know; 19 (Cityscapes) when there is none."""
         if self.num_classes is None:
-            from rpl.wrapping import RPLSegmenter, extract_logits
+            from rpl.wrapping import RPLSegmenter
 
-            out = self.model(x[:1, :, :64, :64])
-            logits = out.logits if isinstance(self.model, RPLSegmenter) else extract_logits(out)
-            self.num_classes = int(logits.shape[1])
+            modules = ([m for block in self.model._chain for m in block.modules()]
+                       if isinstance(self.model, RPLSegmenter) else list(self.model.modules()))
+            convs = [m for m in modules if isinstance(m, nn.Conv2d)]
+            self.num_classes = int(convs[-1].out_channels) if convs else 19
         return self.num_classes
 
     def check(self, x: torch.Tensor, dataset: str, first_path: Any) -> None:
