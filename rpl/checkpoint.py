@@ -308,7 +308,13 @@ def load_addon(path: str | os.PathLike, model: Any, check_base: bool = True) -> 
 
 
 def load(path: str | os.PathLike, segmenter: nn.Module, check_base: bool = True, **wrap_kwargs: Any) -> Any:
-    """Wrap ``segmenter`` exactly as recorded in checkpoint ``path`` and load the add-on weights."""
+    """Wrap ``segmenter`` exactly as recorded in checkpoint ``path`` and load the add-on weights.
+
+    The model comes back in eval mode, ready for inference: the add-on's BatchNorm uses its stored
+    statistics (scores do not depend on the batch, a batch of one works) and nothing it sees changes
+    them. To train it further call ``model.train()`` (only the add-on switches; the frozen segmenter
+    always stays in eval mode) or continue a run with ``rpl-train --resume``.
+    """
     from rpl.wrapping import wrap
 
     meta = read_metadata(path)
@@ -330,7 +336,7 @@ def load(path: str | os.PathLike, segmenter: nn.Module, check_base: bool = True,
     except BaseException:
         model.unwrap()
         raise
-    return model
+    return model.eval()
 
 
 def from_checkpoint(path: str | os.PathLike, *, weights: str | os.PathLike | None = None,

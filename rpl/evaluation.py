@@ -57,6 +57,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from rpl.errors import RPLInputError
+from rpl.memory import MemoryGuard
 from rpl.metrics import ComponentMetrics, MIoU, PixelMetrics
 from rpl.progress import make_progress
 from rpl.scores import SCORES, entropy, smooth
@@ -147,6 +148,7 @@ class EvalOptions:
     compile_backend: str = "inductor"
     report: bool = False  # also collect what rpl.report draws: pooled curves and per-image gallery data
     gallery_images: int = 4  # images per gallery section (with report=True)
+    memory_budget: float | None = None  # GB one forward may use (default: free memory; see rpl.memory)
 
     def check(self) -> None:
         if self.pixel_mode not in PIXEL_MODES:
@@ -163,6 +165,8 @@ class EvalOptions:
                 raise RPLInputError(f"{name} must be >= {low}, got {value}.")
         if self.limit is not None and int(self.limit) < 1:
             raise RPLInputError(f"--limit must be >= 1, got {self.limit}.")
+        if self.memory_budget is not None and not self.memory_budget > 0:
+            raise RPLInputError(f"--memory-budget must be a positive number of GB, got {self.memory_budget}.")
         if not self.methods:
             raise RPLInputError("--methods is empty; expected one or more of " + ", ".join(METHODS) + ".")
         if self.compile is not None and self.compile not in COMPILE_MODES:
@@ -364,6 +368,7 @@ class Evaluator:
         self.mc_model = dropout_copy(self.segmenter) if "mcdropout" in self.methods else None
         self.on_visual = on_visual
         self.console = console
+        self.memory = MemoryGuard(self.model, self.device, self.options.memory_budget, self.wrapped)
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=_amp_dtype(self.device), enabled=self.options.amp)
@@ -483,6 +488,7 @@ class Evaluator:
         images = group["image"].to(self.device, non_blocking=True)
         labels = group["label"].to(self.device, non_blocking=True)
         x = self.preprocess(images)
+        self.memory.check(x, entry.name, group["paths"][0])  # a clear error instead of an OOM minutes later
         logits, out = self._forward(x)
         valid = labels != IGNORE
         acc.n_images += labels.shape[0]

@@ -31,6 +31,8 @@ from rpl.config import REPO_ROOT, Config, dump_config
 from rpl.errors import RPLInputError
 from rpl.losses import LossWeights, rpl_loss
 from rpl.models.loading import SHIPPED_WEIGHTS, SegmenterSpec, build_segmenter
+from rpl.workdir import (RUN_FILES, changes_comment, check_resume_config, check_work_dir,  # noqa: F401 (RUN_FILES)
+                         new_run_id, safetensors_step)
 
 
 class TrainingDiverged(RPLInputError):
@@ -198,37 +200,11 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-RUN_FILES = ("config.yaml", "log.jsonl", "last.pt", "last.safetensors", "best.safetensors", "summary.json",
-             "eval.json")
-
-
-def check_work_dir(work_dir: Path, resume: bool, overwrite: bool, main: bool = True) -> None:
-    """Never replace an earlier run by accident: a work dir holding one needs --resume or --overwrite.
-
-    With ``overwrite`` the earlier run's files are deleted (on the main process) before anything new
-    is written, so its log is not appended to and no stale ``best.safetensors`` survives.
-    """
-    if resume and overwrite:
-        raise RPLInputError("--resume and --overwrite exclude each other: --resume continues the run in --work-dir, "
-                            "--overwrite deletes it and starts again.")
-    present = [name for name in RUN_FILES if (work_dir / name).exists()]
-    if resume or not present:
-        return
-    if overwrite:
-        if main:
-            for name in present:
-                (work_dir / name).unlink()
-        return
-    state = "a finished run" if (work_dir / "summary.json").is_file() else "an unfinished run"
-    raise RPLInputError(f"--work-dir {work_dir} already holds {state} ({', '.join(present)}); nothing was changed. "
-                        "Use --resume to continue it (a finished one is only evaluated again, with --evaluate), "
-                        "--work-dir DIR to start a new run elsewhere, or --overwrite to delete it and start again.")
-
-
 class Trainer:
     def __init__(self, cfg: Config, work_dir: str | Path, resume: bool = False, quiet: bool = False,
-                 overwrite: bool = False):
+                 overwrite: bool = False, run_id: str | None = None, allow_changes: tuple[str, ...] = ()):
         self.cfg, self.work_dir, self.quiet = cfg, Path(work_dir), quiet
+        self.run_id, self.allow_changes, self.resume_changes = run_id or new_run_id(), allow_changes, []
         check_work_dir(self.work_dir, resume, overwrite, main=int(os.environ.get("RANK", "0")) == 0)
         self.device = resolve_device(cfg.train.device)
         if self.device.type == "cuda":
@@ -293,7 +269,7 @@ class Trainer:
         spec = self.spec.to_dict()
         spec["weights"] = self._recorded_weights()
         return {"segmenter": spec, "train_config": self.cfg.to_dict(), "step": self.progress.step,
-                "metrics": metrics or {}}
+                "metrics": metrics or {}, "run_id": self.run_id, "resume_changes": self.resume_changes}
 
     def save_checkpoint(self, metrics: dict[str, Any] | None = None) -> None:
         if not self.d.main:
@@ -307,6 +283,8 @@ class Trainer:
             "rng": {"torch": torch.get_rng_state(), "loss": self.loss_generator.get_state()},
             "base_fingerprint": self.base_fingerprint,
             "config": json.dumps(self.cfg.to_dict()),
+            "metrics": json.dumps(metrics or {}),
+            "resume_changes": json.dumps(self.resume_changes),
         }
         atomic_torch_save(state, self.work_dir / "last.pt")
         rpl.save(self.work_dir / "last.safetensors", self.model, extra=self._extra(metrics),
@@ -324,14 +302,29 @@ class Trainer:
         if state.get("base_fingerprint") != self.base_fingerprint:
             raise RPLInputError(f"--resume: {path} was trained on another segmenter (fingerprint differs); use the "
                                 "same segmenter weights or another --work-dir.")
+        changes = check_resume_config(json.loads(state["config"]), self.cfg.to_dict(), self.allow_changes,
+                                      str(path))
+        record = {"step": state["progress"]["step"], "changes": {k: list(v) for k, v in changes.items()}}
+        self.resume_changes = json.loads(state.get("resume_changes", "[]")) + ([record] if changes else [])
+        configured = [g["initial_lr"] for g in self.optimizer.param_groups]  # this config's rates
         self.model.bare_addon.load_state_dict(state["addon"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.progress = Progress(**state["progress"])
+        if changes:  # the loaded optimiser/scheduler hold the old rates: continue on the new schedule
+            sched = self.scheduler
+            sched.base_lrs = configured
+            for group, base, factor in zip(self.optimizer.param_groups, configured, sched.lr_lambdas):
+                group["initial_lr"], group["lr"] = base, base * factor(sched.last_epoch)
         torch.set_rng_state(state["rng"]["torch"])
         self.loss_generator.set_state(state["rng"]["loss"])
+        if self.d.main:
+            history = "".join(changes_comment(r["changes"], r["step"]) for r in self.resume_changes)
+            (self.work_dir / "config.yaml").write_text(dump_config(self.cfg) + history)
+            if changes or safetensors_step(self.work_dir / "last.safetensors") != self.progress.step:
+                self.save_checkpoint(json.loads(state.get("metrics", "{}")))  # the pair agrees again
         if self.d.main and not self.quiet and not self.finished:
             print(f"Resumed from {path} at step {self.progress.step}.")
 
@@ -377,6 +370,18 @@ class Trainer:
             dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         return bool(flag.item())
 
+    def _describe_batch(self, batch: dict[str, torch.Tensor]) -> str:
+        """Method, dataset and images of a batch, for messages about it."""
+        method = getattr(self.cfg, "method", "rpl")
+        where = f"method {method}, dataset {self.cfg.data_path('inliers')} split {self.cfg.data.train_split}"
+        index = batch.get("index")
+        if index is None:
+            return where
+        pairs = getattr(self.train_set, "inlier_pairs", None)
+        names = [str(pairs[i][0]) if pairs is not None else str(i) for i in index.tolist()]
+        shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+        return f"{where}, images {shown} (with pasted outliers)"
+
     def step(self, batch: dict[str, torch.Tensor]) -> dict[str, float] | None:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
@@ -388,8 +393,9 @@ class Trainer:
             if self.progress.nonfinite_streak >= self.cfg.train.max_nonfinite:
                 raise TrainingDiverged(
                     f"the loss was NaN/inf for {self.progress.nonfinite_streak} consecutive steps (step "
-                    f"{self.progress.step}); training stopped. Lower optim.lr, set optim.grad_clip (e.g. 1.0), use "
-                    "train.amp=bf16 or off instead of fp16, or check the data for corrupt labels.")
+                    f"{self.progress.step}, {self._describe_batch(batch)}); training stopped. Lower optim.lr, set "
+                    "optim.grad_clip (e.g. 1.0), use train.amp=bf16 or off instead of fp16, or check those images "
+                    "and labels.")
             return None
         self.progress.nonfinite_streak = 0
         clip = self.cfg.optim.grad_clip
@@ -463,7 +469,7 @@ class Trainer:
         if not self.d.main:
             return
         with open(self.work_dir / "log.jsonl", "a") as fh:
-            fh.write(json.dumps(record) + "\n")
+            fh.write(json.dumps({"run_id": self.run_id, **record}) + "\n")
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"])
 

@@ -140,3 +140,28 @@ def test_one_reader_for_weight_files(tmp_path):
     torch.save({"model": {}}, tmp_path / "empty.pth")
     with pytest.raises(RPLInputError, match="empty.pth holds no state dict"):
         read_checkpoint(tmp_path / "empty.pth")
+
+
+def test_load_returns_eval_mode_for_inference(tmp_path):
+    """rpl.load's model is ready for inference whatever mode it was saved in: BatchNorm statistics stay put,
+    a batch of one works, and scores do not depend on the rest of the batch."""
+    model = _model()
+    model.train()  # saved straight from training
+    path = rpl.save(tmp_path / "addon.safetensors", model)
+    fresh = randomize_bn(ToySegmenter(), 0)
+    fresh.load_state_dict(model.segmenter.state_dict())
+    fresh.train()  # a user's segmenter fresh from its factory may be in training mode
+    loaded = rpl.load(path, fresh)
+    assert not loaded.training and not loaded.addon.training and not loaded.segmenter.training
+    buffers = {k: v.clone() for k, v in loaded.addon.state_dict().items() if "running" in k or "num_batches" in k}
+    assert buffers
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        one = loaded(x[:1]).anomaly  # a batch of one (train-mode BatchNorm over a 1x1 pooled map would fail)
+        three = loaded(x).anomaly
+    assert torch.allclose(one[0], three[0], atol=1e-5)  # batch-independent scores
+    for k, v in loaded.addon.state_dict().items():
+        if k in buffers:
+            assert torch.equal(v, buffers[k]), k
+    loaded.train()  # how to train it further: only the add-on switches
+    assert loaded.addon.training and not loaded.segmenter.training
