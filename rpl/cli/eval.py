@@ -431,7 +431,7 @@ def _run(args: argparse.Namespace) -> int:
     # every output proven writable before any data is read or model built
     outputs = {k: check_file(getattr(args, k, None), f"--{k}") for k in ("json", "csv", "markdown")}
     vis_dir = check_folder(args.save_vis, "--save-vis")
-    report_dir = check_folder(args.report, "--report")
+    args.report = check_folder(args.report, "--report")  # proven writable, as the other outputs
 
     names, data_root = resolve_datasets(args)
     entries = open_datasets(names, data_root)  # layouts checked before the model loads
@@ -488,14 +488,14 @@ def _evaluate_and_report(args: argparse.Namespace, model: Any, options: EvalOpti
         if sink.error:
             ok = False
             print(f"rpl-eval: error: --save-vis stopped after {sink.written} overlays: {sink.error}", file=sys.stderr)
-    if report_dir is not None:
+    if args.report is not None:
         from rpl.report import write_report
 
         try:
-            written.append(str(write_report(report_dir, document, report.curves, report.galleries)))
+            written.append(str(write_report(args.report, document, report.curves, report.galleries)))
         except OSError as err:
             ok = False
-            print(f"rpl-eval: error: --report {report_dir} could not be written ({err}); the table above and any "
+            print(f"rpl-eval: error: --report {args.report} could not be written ({err}); the table above and any "
                   "other outputs are complete.", file=sys.stderr)
     if written:
         print("Wrote " + ", ".join(written), file=sys.stderr)
