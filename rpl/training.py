@@ -549,7 +549,8 @@ class Trainer:
             best = metrics.get("ap", -1.0) > self.progress.best_ap
             if self._bar is not None:
                 self._bar.console.print(f"step {self.progress.step}/{self.total_steps}: held-out val " + " ".join(
-                    f"{k.upper()} {100 * v:.2f}" for k, v in metrics.items()) + " %" + (" (best so far)" if best else ""),
+                    f"{k.upper()} {100 * metrics[k]:.2f}" for k in ("auroc", "ap", "fpr95") if k in metrics) + " %"
+                    + (" (best so far)" if best else ""),
                     soft_wrap=True, highlight=False)
             if best:
                 self.progress.best_ap, self.progress.best_step = metrics["ap"], self.progress.step
