@@ -1,7 +1,13 @@
-"""Add-on checkpoints: safetensors weights + metadata (config, wrap arguments, base fingerprint).
+"""Checkpoints of every method: safetensors tensors + metadata naming the method (one format).
 
-Only the add-on is stored (the segmenter stays the user's); a SHA-256 fingerprint of the frozen
-base weights makes loading onto another segmenter fail loudly instead of giving silent garbage.
+Metadata keys: ``format`` (:data:`FORMAT`), ``method`` (a name from ``rpl.methods.available()``),
+``base_fingerprint`` / ``base_class`` (the segmenter the method was built on), ``extra`` (JSON:
+the segmenter's spec, training config, metrics, ...) and method-specific JSON fields (RPL: ``wrap``;
+PEBAL: ``pebal``). Add-on methods store only their add-on (the segmenter stays the user's), and the
+SHA-256 fingerprint of the frozen base makes loading onto another segmenter fail loudly instead of
+giving silent garbage. Fine-tuned methods store the tuned segmenter under ``segmenter.*`` keys, so
+such a file can also serve as the weights of a frozen base (see ``rpl.models.read_state_dict``).
+Files written before methods were plug-ins (format ``rpl-addon/1``) read as method ``rpl``.
 Files are written to a temporary name and renamed, so a kill while saving never corrupts the
 previous checkpoint.
 """
@@ -21,7 +27,10 @@ from torch import nn
 from rpl.blocks import BlockConfig
 from rpl.errors import RPLInputError
 
-FORMAT = "rpl-addon/1"
+FORMAT = "rpl-checkpoint/1"
+LEGACY_FORMATS = {"rpl-addon/1": "rpl"}  # format -> the method its files hold
+JSON_FIELDS = ("wrap", "extra", "pebal")
+SEGMENTER_PREFIX = "segmenter."  # tensor keys of a fine-tuned segmenter inside a checkpoint
 
 
 def fingerprint(module: nn.Module) -> str:
@@ -45,53 +54,78 @@ def atomic_save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dic
     os.replace(tmp, path)
 
 
+def write_checkpoint(path: str | os.PathLike, tensors: dict[str, torch.Tensor], method: str, base_fingerprint: str,
+                     base_class: str, fields: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> Path:
+    """Write ``tensors`` with the metadata of method ``method`` (``fields`` are method-specific JSON)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"format": FORMAT, "method": method, "base_fingerprint": base_fingerprint, "base_class": base_class,
+            "extra": json.dumps(extra or {})}
+    meta.update({k: json.dumps(v) for k, v in (fields or {}).items()})
+    atomic_save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, path, meta)
+    return path
+
+
 def save(path: str | os.PathLike, model: Any, extra: dict[str, Any] | None = None,
          base_fingerprint: str | None = None) -> Path:
     """Write ``model``'s add-on (an ``RPLSegmenter``) to ``path`` (.safetensors) with its metadata.
 
     ``extra`` (JSON-serialisable: metrics, training config, the segmenter's spec) goes in the metadata.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    addon = model.bare_addon
-    tensors = {k: v.detach().cpu().contiguous() for k, v in addon.state_dict().items()}
-    meta = {
-        "format": FORMAT,
-        "wrap": json.dumps(model.wrap_arguments()),
-        "base_fingerprint": base_fingerprint or fingerprint(model.segmenter),
-        "base_class": type(model.segmenter).__name__,
-        "extra": json.dumps(extra or {}),
-    }
-    atomic_save_file(tensors, path, meta)
-    return path
+    return write_checkpoint(path, model.bare_addon.state_dict(), "rpl",
+                            base_fingerprint or fingerprint(model.segmenter), type(model.segmenter).__name__,
+                            {"wrap": model.wrap_arguments()}, extra)
 
 
-def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """The metadata of an add-on checkpoint, JSON fields decoded."""
+def read_metadata(path: str | os.PathLike, method: str | None = None) -> dict[str, Any]:
+    """The metadata of a checkpoint, JSON fields decoded; ``method`` given: it must be that method's."""
     path = Path(path)
     if not path.is_file():
-        raise RPLInputError(f"checkpoint {path} does not exist; expected an add-on .safetensors file from rpl-train.")
+        raise RPLInputError(f"checkpoint {path} does not exist; expected a .safetensors checkpoint from rpl-train.")
     try:
         from safetensors import safe_open
 
         with safe_open(str(path), framework="pt") as fh:
             meta = fh.metadata() or {}
     except (SafetensorError, OSError, ValueError) as err:
-        raise RPLInputError(f"checkpoint {path} is not a readable safetensors file ({err}); expected an add-on "
+        raise RPLInputError(f"checkpoint {path} is not a readable safetensors file ({err}); expected a "
                             "checkpoint written by rpl-train or rpl.save.") from None
-    if meta.get("format") != FORMAT:
-        raise RPLInputError(f"checkpoint {path} has format {meta.get('format')!r}, expected {FORMAT!r} (an RPL add-on "
-                            "written by rpl-train or rpl.save).")
+    fmt = meta.get("format")
+    if fmt != FORMAT and fmt not in LEGACY_FORMATS:
+        raise RPLInputError(f"checkpoint {path} has format {fmt!r}, expected {FORMAT!r} (a checkpoint written by "
+                            "rpl-train or rpl.save).")
     out: dict[str, Any] = dict(meta)
-    for key in ("wrap", "extra"):
-        out[key] = json.loads(meta.get(key) or "{}")
+    out["method"] = meta.get("method") or LEGACY_FORMATS.get(fmt, "")
+    for key in JSON_FIELDS:
+        if key in meta or key in ("wrap", "extra"):
+            try:
+                out[key] = json.loads(meta.get(key) or "{}")
+            except json.JSONDecodeError:
+                raise RPLInputError(f"checkpoint {path}: metadata field {key!r} is not valid JSON; the file is "
+                                    "damaged or was not written by rpl.") from None
+    if method is not None and out["method"] != method:
+        raise RPLInputError(f"checkpoint {path} holds method {out['method']!r}, but it was given to the loader of "
+                            f"method {method!r}. Load it with its own method (rpl.methods.load(path), or "
+                            f"rpl-eval --checkpoint {path}, which picks the method from the file).")
     return out
+
+
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a safetensors file carrying rpl checkpoint metadata."""
+    try:
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as fh:
+            fmt = (fh.metadata() or {}).get("format")
+    except (SafetensorError, OSError, ValueError):
+        return False
+    return fmt == FORMAT or fmt in LEGACY_FORMATS
 
 
 def load_addon(path: str | os.PathLike, model: Any, check_base: bool = True) -> dict[str, Any]:
     """Load the add-on weights of ``path`` into ``model`` (an ``RPLSegmenter``); returns the metadata."""
     path = Path(path)
-    meta = read_metadata(path)
+    meta = read_metadata(path, method="rpl")
     if check_base:
         ours = fingerprint(model.segmenter)
         if meta["base_fingerprint"] != ours:
@@ -117,7 +151,7 @@ def load(path: str | os.PathLike, segmenter: nn.Module, check_base: bool = True,
     """Wrap ``segmenter`` exactly as recorded in checkpoint ``path`` and load the add-on weights."""
     from rpl.wrapping import wrap
 
-    meta = read_metadata(path)
+    meta = read_metadata(path, method="rpl")
     w = meta["wrap"]
     kwargs = dict(head=w["head"], feature=w["feature"], block=BlockConfig.from_dict(w["block"]),
                   smoothing=tuple(w["smoothing"]) if w.get("smoothing") else None)

@@ -1,4 +1,7 @@
-"""``rpl-train``: train the RPL add-on of a frozen segmenter (default: the embedded SynthStreets world).
+"""``rpl-train``: train an anomaly method on a segmenter (default: RPL on the embedded SynthStreets world).
+
+Methods: rpl (a residual add-on on the frozen segmenter, the default) and pebal (fine-tunes a copy
+of the segmenter with an abstention channel); ``--method`` is the config key ``method``.
 
 Launch on several GPUs (or CPU processes) with ``torchrun --nproc_per_node N -m rpl.cli.train ...``.
 """
@@ -15,6 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="rpl-train", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML config (default: the embedded SynthStreets recipe)")
+    parser.add_argument("--method", help="method to train: rpl (default) or pebal (sets the config key method)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set optim.lr=1e-4 (repeatable)")
     parser.add_argument("--work-dir", default="work_dirs/rpl", help="where checkpoints and logs go")
@@ -28,13 +32,14 @@ def build_parser() -> argparse.ArgumentParser:
 def _run(args: argparse.Namespace) -> int:
     from rpl.config import dump_config, load_config
 
-    cfg = load_config(args.config, args.overrides)
+    overrides = [*args.overrides, *([f"method={args.method}"] if args.method else [])]
+    cfg = load_config(args.config, overrides)
     if args.print_config:
         print(dump_config(cfg), end="")
         return 0
-    from rpl.training import Trainer
+    from rpl.training import build_trainer
 
-    trainer = Trainer(cfg, args.work_dir, resume=args.resume, quiet=args.quiet)
+    trainer = build_trainer(cfg, args.work_dir, resume=args.resume, quiet=args.quiet)
     try:
         summary = trainer.fit()
     finally:
