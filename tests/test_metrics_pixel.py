@@ -285,6 +285,7 @@ def test_torch_and_numpy_inputs_agree(mode):
     assert from_torch == from_numpy == as_bool
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("mode", ["exact", "streaming", "smiyc"])
 def test_cuda_inputs_agree_with_cpu(mode):

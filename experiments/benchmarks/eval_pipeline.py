@@ -113,25 +113,25 @@ def dataset_folder(data_root: Path) -> Path:
 
 # -- the two pipelines -------------------------------------------------------------------------
 def rpl_eval_argv(checkpoint: Path, data_root: Path, json_path: Path, pixel_mode: str = "streaming",
-                  extra: tuple[str, ...] = ()) -> list[str]:
+                  extra: tuple[str, ...] = (), device: str = "cpu") -> list[str]:
     return ["--checkpoint", str(checkpoint), "--datasets", DATASET, "--data-root", str(data_root),
-            "--methods", ",".join(METHODS), "--device", "cpu", "--pixel-mode", pixel_mode, "--json", str(json_path),
+            "--methods", ",".join(METHODS), "--device", device, "--pixel-mode", pixel_mode, "--json", str(json_path),
             "--quiet", *extra]
 
 
 def run_rpl_eval(checkpoint: Path, data_root: Path, json_path: Path, pixel_mode: str = "streaming",
-                 extra: tuple[str, ...] = ()) -> dict[str, dict[str, float]]:
+                 extra: tuple[str, ...] = (), device: str = "cpu") -> dict[str, dict[str, float]]:
     """``rpl-eval`` in this process; returns {method: {auroc, ap, fpr95}} from its JSON."""
     from rpl.cli.eval import main
 
-    code = main(rpl_eval_argv(checkpoint, data_root, json_path, pixel_mode, extra))
+    code = main(rpl_eval_argv(checkpoint, data_root, json_path, pixel_mode, extra, device))
     if code != 0:
         raise RuntimeError(f"rpl-eval exited with {code}")
     document = json.loads(json_path.read_text())
     return {r["method"]: {k: r[k] for k in ("auroc", "ap", "fpr95")} for r in document["results"]}
 
 
-def reference_evaluate(checkpoint: Path, data_folder: Path) -> dict[str, dict[str, float]]:
+def reference_evaluate(checkpoint: Path, data_folder: Path, device: str = "cpu") -> dict[str, dict[str, float]]:
     """The reference code's evaluation, one image at a time, scikit-learn on host arrays at the end."""
     from PIL import Image
     from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
@@ -143,13 +143,13 @@ def reference_evaluate(checkpoint: Path, data_folder: Path) -> dict[str, dict[st
     from rpl.scores import SCORES
 
     spec = SegmenterSpec.from_dict(read_metadata(checkpoint)["extra"]["segmenter"])
-    model = rpl.load(checkpoint, build_segmenter(spec, base_dir=checkpoint.parent)).eval()
+    model = rpl.load(checkpoint, build_segmenter(spec, base_dir=checkpoint.parent).to(device)).eval()
     scores: dict[str, list[np.ndarray]] = {m: [] for m in METHODS}
     labels: list[np.ndarray] = []
     for image_path in sorted((data_folder / "images").glob("*.png")):
         image = Image.open(image_path).convert("RGB")
         label = np.array(Image.open(data_folder / "labels_masks" / image_path.name))
-        x = normalize(to_tensor(image), MEAN, STD)[None]
+        x = normalize(to_tensor(image), MEAN, STD)[None].to(device)
         with torch.no_grad():
             out = model(x)
             maps = {"rpl": out.anomaly, **{m: SCORES[m](out.logits) for m in METHODS if m != "rpl"}}
@@ -202,10 +202,10 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     engine_ips = None
     with ChildrenMemory() as workers:
         if spec["variant"] == "reference":
-            metrics = reference_evaluate(checkpoint, dataset_folder(data_root))
+            metrics = reference_evaluate(checkpoint, dataset_folder(data_root), spec["device"])
         else:
             json_path = Path(spec["json"])
-            metrics = run_rpl_eval(checkpoint, data_root, json_path, variant["pixel_mode"])
+            metrics = run_rpl_eval(checkpoint, data_root, json_path, variant["pixel_mode"], device=spec["device"])
             engine_ips = json.loads(json_path.read_text())["datasets"][DATASET]["images_per_second"]
     seconds = time.perf_counter() - t0
     return {"seconds": seconds, "peak_bytes": memory.peak_added(), "worker_peak_bytes": workers.peak,
@@ -219,6 +219,8 @@ def main() -> None:
     parser.add_argument("--size", help="HxW of the generated images (default 1024x2048, quick 512x1024)")
     parser.add_argument("--rounds", type=int, default=1, help="fresh processes per variant, interleaved (default 1)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated among " + ", ".join(VARIANTS))
+    parser.add_argument("--device", default="cpu", help="where both pipelines run the model and the scores: cpu "
+                                                        "(default) or cuda")
     add_common_arguments(parser)
     args = parser.parse_args()
     if served_as_worker(args, worker):
@@ -245,7 +247,7 @@ def main() -> None:
         for r in range(args.rounds):
             for variant in variants:
                 spec = {"variant": variant, "checkpoint": str(checkpoint), "data_root": str(data_root),
-                        "json": str(Path(tmp) / f"result_{r}.json")}
+                        "json": str(Path(tmp) / f"result_{r}.json"), "device": args.device}
                 raw["runs"][variant].append(run_worker(__file__, spec, args.threads))
                 print(f"  round {r + 1}/{args.rounds} {variant}: {raw['runs'][variant][-1]['seconds']:.1f} s",
                       flush=True)
@@ -264,7 +266,7 @@ def main() -> None:
         rows.append([variant, f"{seconds:.1f}", f"{count / seconds:.3f}",
                      f"{ref_seconds / seconds:.1f}x" if ref_seconds else "-", f"{peak * MB:.0f}",
                      f"{workers * MB:.0f}" if workers else "-", f"{(peak + workers) * MB:.0f}", diff])
-    print(f"\n{count} images of {height}x{width}, methods {', '.join(METHODS)}, CPU, {args.rounds} round(s)\n")
+    print(f"\n{count} images of {height}x{width}, methods {', '.join(METHODS)}, {args.device}, {args.rounds} round(s)\n")
     print(markdown_table(["pipeline", "time (s, median)", "images/s", "speed vs reference",
                           "main process peak added (MB)", "workers' peak PSS (MB)", "host memory total (MB)",
                           "max metric diff to reference"], rows), flush=True)

@@ -118,6 +118,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, help="timed calls of each variant per process (default 5, quick 3)")
     parser.add_argument("--compile", metavar="MODE", help="torch.compile both models with this mode (default, "
                         "reduce-overhead = CUDA graphs on GPU, max-autotune); off unless given")
+    parser.add_argument("--setups", default="auto", help="comma-separated among " + ", ".join(SETUPS) +
+                        " (default: cpu, plus gpu when CUDA is available)")
     add_common_arguments(parser)
     args = parser.parse_args()
     if served_as_worker(args, worker):
@@ -127,7 +129,11 @@ def main() -> None:
     info = machine(args.threads)
     print(f"Machine: {describe(info)}", flush=True)
     raw: dict[str, Any] = {"machine": info, "results": []}
-    for setup_name in ("cpu", "gpu"):
+    names = list(SETUPS) if args.setups == "auto" else [s.strip() for s in args.setups.split(",")]
+    unknown = [name for name in names if name not in SETUPS]
+    if unknown:
+        parser.error(f"--setups: unknown setup(s) {unknown}; known: {', '.join(SETUPS)}")
+    for setup_name in names:
         setup = SETUPS[setup_name]
         if setup["device"] == "cuda" and not torch.cuda.is_available():
             print("GPU runs skipped: CUDA is not available", flush=True)
