@@ -18,7 +18,7 @@ _ATTRIBUTES = {
     "save": "rpl.checkpoint", "load": "rpl.checkpoint",
 }
 _SUBMODULES = {"scores", "losses", "metrics", "models", "data", "checkpoint", "wrapping", "blocks", "training",
-               "evaluation", "config"}
+               "evaluation", "config", "methods", "conventions"}
 __all__ = [*_ATTRIBUTES, *sorted(_SUBMODULES)]
 
 
