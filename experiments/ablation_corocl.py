@@ -36,8 +36,9 @@ def run_dir(root: Path, variant: str, seed: int) -> Path:
 def train_and_evaluate(work_dir: Path, seed: int, extra: list[str]) -> dict:
     result = work_dir / "eval.json"
     if not result.exists():
+        # a run cut short before its evaluation is started again (rpl-train refuses a used work dir otherwise)
         cmd = [sys.executable, "-m", "rpl.cli.train", "--work-dir", str(work_dir), "--set", f"train.seed={seed}",
-               *extra]
+               *extra, *(["--overwrite"] if work_dir.exists() else [])]
         print("$ " + " ".join(cmd), flush=True)
         start = time.time()
         subprocess.run(cmd, check=True)

@@ -1,6 +1,7 @@
 """rpl: Residual Pattern Learning (RPL + CoroCL) anomaly segmentation for any frozen segmenter.
 
     model = rpl.wrap(segmenter)           # frozen segmenter + trainable residual block
+    model = rpl.from_checkpoint(path)     # or: the segmenter and add-on a checkpoint records
     out = model(images)                   # out.logits (unchanged), out.anomaly (B, H, W)
 
 Attributes load lazily, so tools that need no torch (``rpl-data synthstreets``) start fast.
@@ -15,7 +16,8 @@ __version__ = "0.1.0"
 _ATTRIBUTES = {
     "wrap": "rpl.wrapping", "RPLSegmenter": "rpl.wrapping", "RPLOutput": "rpl.wrapping",
     "BlockConfig": "rpl.blocks", "RPLAddon": "rpl.blocks", "RPLInputError": "rpl.errors",
-    "save": "rpl.checkpoint", "load": "rpl.checkpoint",
+    "save": "rpl.checkpoint", "load": "rpl.checkpoint", "from_checkpoint": "rpl.checkpoint",
+    "pretrained": "rpl.checkpoint",
 }
 _SUBMODULES = {"scores", "losses", "metrics", "models", "data", "checkpoint", "wrapping", "blocks", "training",
                "evaluation", "config", "methods", "conventions"}

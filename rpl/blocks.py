@@ -1,6 +1,6 @@
 """The trainable add-on: residual block R (ASPP -> bottleneck -> upsample -> 1x1) and projection head.
 
-Layout as in the RPL reference (DESIGN.md 1.2); every width is configurable so that a small
+Layout as in the RPL reference (docs/method.md, section 2); every width is configurable so that a small
 segmenter gets a small block. The block reads the deep feature ``f`` and returns the residual
 ``r`` that is added to the frozen head's input ``d``.
 """

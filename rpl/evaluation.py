@@ -48,9 +48,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from rich.console import Console
-from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TaskID, TextColumn,
-                           TimeElapsedColumn, TimeRemainingColumn)
-from rich.text import Text
+from rich.progress import Progress, TaskID
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
@@ -58,6 +56,7 @@ from rpl.conventions import IMAGENET_MEAN, IMAGENET_STD, VOID
 from rpl.errors import RPLInputError
 from rpl.metrics import ComponentMetrics, MIoU, PixelMetrics
 from rpl.methods.mcdropout import DROPOUT_TYPES, dropout_copy  # noqa: F401  (re-exported)
+from rpl.progress import make_progress
 from rpl.scores import SCORES
 from rpl.visualize import overlay
 from rpl.wrapping import extract_logits
@@ -252,17 +251,6 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     return {"groups": [_stack([it]) for it in items]}
 
 
-# -- progress ----------------------------------------------------------------------------------
-class ImagesPerSecond(ProgressColumn):
-    def render(self, task) -> Text:
-        speed = task.finished_speed or task.speed
-        return Text("-- img/s" if speed is None else f"{speed:.1f} img/s", style="progress.data.speed")
-
-
-def make_progress(console: Console | None, enabled: bool) -> Progress:
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), ImagesPerSecond(),
-                    TimeElapsedColumn(), TimeRemainingColumn(), console=console or Console(stderr=True),
-                    disable=not enabled)
 
 
 # -- the engine --------------------------------------------------------------------------------

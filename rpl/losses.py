@@ -1,4 +1,4 @@
-"""RPL + CoroCL losses (docs/methods.md, "RPL"). Each returns a 0-d float32 tensor.
+"""RPL + CoroCL losses (docs/method.md, section 3). Each returns a 0-d float32 tensor.
 
 Masked means are written as ``sum(x * mask) / max(count, 1)`` so that an empty mask gives an exact
 zero that is still connected to the graph: every rank of a DDP job then has the same autograd graph

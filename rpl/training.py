@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -31,7 +32,7 @@ from rpl.config import REPO_ROOT, Config, dump_config
 from rpl.conventions import OUTLIER, VOID
 from rpl.errors import RPLInputError
 from rpl.methods.base import Method, TrainContext
-from rpl.models.loading import SegmenterSpec, build_segmenter
+from rpl.models.loading import SHIPPED_WEIGHTS, SegmenterSpec, build_segmenter
 
 
 class TrainingDiverged(RPLInputError):
@@ -167,13 +168,9 @@ def prepare_datasets(cfg: Config, d: Dist) -> tuple[Any, Any]:
     root = Path(cfg.data.root)
     if cfg.data.generate_synthstreets:
         if d.main:
-            from rpl.data.synthstreets import generate, regenerate_if_outdated
+            from rpl.data.synthstreets import ensure_generated
 
-            if not cfg.data_path("inliers").exists():
-                print(f"SynthStreets not found under {root}: generating it (once).")
-                generate(root, seed=0)
-            else:
-                regenerate_if_outdated(root)
+            ensure_generated(root, seed=0, hint=" (data.root; --set data.root=DIR puts it elsewhere)")
         d.barrier()
     inliers = list_cityscapes(cfg.data_path("inliers"), cfg.data.train_split)
     val_inliers = list_cityscapes(cfg.data_path("inliers"), cfg.data.val_split)
@@ -224,6 +221,34 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
+LOSS_LINE_KEYS = ("total", "ce", "entropy", "outlier", "contrastive", "gambler_in", "gambler_out", "energy")
+RUN_FILES = ("config.yaml", "log.jsonl", "last.pt", "last.safetensors", "best.safetensors", "summary.json",
+             "eval.json")
+
+
+def check_work_dir(work_dir: Path, resume: bool, overwrite: bool, main: bool = True) -> None:
+    """Never replace an earlier run by accident: a work dir holding one needs --resume or --overwrite.
+
+    With ``overwrite`` the earlier run's files are deleted (on the main process) before anything new
+    is written, so its log is not appended to and no stale ``best.safetensors`` survives.
+    """
+    if resume and overwrite:
+        raise RPLInputError("--resume and --overwrite exclude each other: --resume continues the run in --work-dir, "
+                            "--overwrite deletes it and starts again.")
+    present = [name for name in RUN_FILES if (work_dir / name).exists()]
+    if resume or not present:
+        return
+    if overwrite:
+        if main:
+            for name in present:
+                (work_dir / name).unlink()
+        return
+    state = "a finished run" if (work_dir / "summary.json").is_file() else "an unfinished run"
+    raise RPLInputError(f"--work-dir {work_dir} already holds {state} ({', '.join(present)}); nothing was changed. "
+                        "Use --resume to continue it (a finished one is only evaluated again, with --evaluate), "
+                        "--work-dir DIR to start a new run elsewhere, or --overwrite to delete it and start again.")
+
+
 class TrainingData:
     """The training set with its resumable sharded order, and the held-out validation set."""
 
@@ -247,8 +272,10 @@ class TrainingData:
                           num_workers=self.cfg.data.num_workers)
 
 
-def build_trainer(cfg: Config, work_dir: str | Path, resume: bool = False, quiet: bool = False) -> "Trainer":
+def build_trainer(cfg: Config, work_dir: str | Path, resume: bool = False, quiet: bool = False,
+                  overwrite: bool = False) -> "Trainer":
     """Everything ``rpl-train`` needs from a config: process group, method and model, optimiser, data."""
+    check_work_dir(Path(work_dir), resume, overwrite, main=int(os.environ.get("RANK", "0")) == 0)
     device = resolve_device(cfg.train.device)
     if device.type == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -294,6 +321,7 @@ class Trainer:
         self.ctx = TrainContext(self.device, self.amp, self.amp_dtype, cfg.train.channels_last, self.loss_generator,
                                 cfg)
         self.progress = Progress()
+        self._bar = None  # the live progress display while ``fit`` runs (validation adds its row to it)
         if self.d.active:
             self.model = method.distribute(model, self.device)
         if self.work_dir is not None:
@@ -301,6 +329,29 @@ class Trainer:
         self._wandb = None
 
     # checkpoints ---------------------------------------------------------------------------
+    def _recorded_weights(self) -> str | None:
+        """The segmenter weights path to record, relative to the work dir and inside it (or the shipped
+        ``weights/``): a checkpoint may only point next to itself, so weights from elsewhere are
+        hard-linked (copied across file systems) into the work dir once."""
+        if not self.spec.weights:
+            return None
+        if getattr(self, "_weights_record", None) is None:
+            wpath = Path(self.spec.weights)
+            wpath = (wpath if wpath.is_absolute() or wpath.exists() else REPO_ROOT / wpath).resolve()
+            work = self.work_dir.resolve()
+            if not (wpath.is_relative_to(work) or wpath.is_relative_to(SHIPPED_WEIGHTS)):
+                local = work / f"segmenter{''.join(wpath.suffixes[-1:])}"
+                if not (local.exists() and local.samefile(wpath)):
+                    tmp = local.with_name(f".{local.name}.tmp{os.getpid()}")
+                    try:
+                        os.link(wpath, tmp)
+                    except OSError:
+                        shutil.copyfile(wpath, tmp)
+                    os.replace(tmp, local)
+                wpath = local
+            self._weights_record = os.path.relpath(wpath, work)
+        return self._weights_record
+
     def _extra(self, metrics: dict[str, Any] | None = None) -> dict[str, Any]:
         spec = self.spec.to_dict()
         base_method = None
@@ -309,7 +360,7 @@ class Trainer:
             wpath = wpath if wpath.is_absolute() or wpath.exists() else REPO_ROOT / wpath
             if wpath.suffix == ".safetensors" and is_checkpoint(wpath):  # e.g. RPL on a PEBAL-tuned segmenter
                 base_method = read_metadata(wpath)["method"]
-            spec["weights"] = os.path.relpath(wpath.resolve(), self.work_dir.resolve())
+        spec["weights"] = self._recorded_weights()
         extra = {"segmenter": spec, "train_config": self.cfg.to_dict(), "step": self.progress.step,
                  "metrics": metrics or {}}
         if base_method:
@@ -362,8 +413,13 @@ class Trainer:
         self.progress = Progress(**state["progress"])
         torch.set_rng_state(state["rng"]["torch"])
         self.loss_generator.set_state(state["rng"]["loss"])
-        if self.d.main and not self.quiet:
+        if self.d.main and not self.quiet and not self.finished:
             print(f"Resumed from {path} at step {self.progress.step}.")
+
+    @property
+    def finished(self) -> bool:
+        """All ``total_steps`` are done (a resumed finished run has nothing left to train)."""
+        return self.progress.step >= self.total_steps
 
     def start_logging(self) -> None:
         mode = self.cfg.train.wandb
@@ -435,17 +491,24 @@ class Trainer:
         from rpl.metrics import PixelMetrics
 
         metric = PixelMetrics(mode="streaming")
+        bar = self._bar
+        loader = self.data.val_loader()
+        task = bar.add_task("val", total=len(loader.dataset)) if bar is not None else None
         with self.method.validating(self.model) as model:
             model.eval()
             try:
-                for batch in self.data.val_loader():
+                for batch in loader:
                     images = batch["image"].to(self.device)
                     with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
                         out = model(images)
                     target = batch["target"].to(self.device)
                     labels = torch.where(target == OUTLIER, 1, torch.where(target == VOID, VOID, 0)).to(torch.uint8)
                     metric.update(out.anomaly, labels)
+                    if task is not None:
+                        bar.advance(task, len(images))
             finally:
+                if task is not None:
+                    bar.remove_task(task)
                 model.train()
         return {k: float(v) for k, v in metric.compute().items() if k in ("auroc", "ap", "fpr95")}
 
@@ -458,19 +521,23 @@ class Trainer:
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"])
 
+    def _loss_line(self, losses: dict[str, float] | None, lr: float) -> str:
+        """``step 10/150: total 14.4 ce 0.162 ... lr 4.7e-04``: the periodic log line above the bar."""
+        shown = " ".join(f"{k} {losses[k]:.3g}" for k in LOSS_LINE_KEYS if k in (losses or {}))
+        return f"step {self.progress.step}/{self.total_steps}: {shown or 'step skipped'} lr {lr:.1e}"
+
     def fit(self) -> dict[str, Any]:
-        from rich.progress import BarColumn, Progress as Bar, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rpl.progress import make_progress
 
         p, cfg = self.progress, self.cfg
-        bar = Bar(TextColumn(f"[bold]train {self.method.name}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), TextColumn("{task.description}"),
-                  disable=self.quiet or not self.d.main)
+        show = not self.quiet and self.d.main
+        bar = make_progress(enabled=show)
+        self._bar = bar if show else None
         images_per_step = cfg.optim.batch_size * self.d.world * self.method.images_per_step(cfg)
         started, step_times, last = time.perf_counter(), [], None
         val_metrics: dict[str, float] = {}
-        shown = ("total", "ce", "entropy", "outlier", "contrastive", "gambler_in", "gambler_out", "energy")
         with bar:
-            task = bar.add_task("", total=self.total_steps, completed=p.step)
+            task = bar.add_task("train", total=self.total_steps, completed=p.step)
             while p.step < self.total_steps:
                 for batch in self._loader(p.epoch, p.epoch_step):
                     t0 = time.perf_counter()
@@ -485,9 +552,9 @@ class Trainer:
                         lr = self.optimizer.param_groups[0]["lr"]
                         record = {"step": p.step, "lr": lr, "img_per_s": ips, "skipped": p.skipped, **(last or {})}
                         self._log(record)
-                        bar.update(task, description=" ".join(
-                            f"{k} {v:.3f}" for k, v in (last or {}).items() if k in shown)
-                            + f" lr {lr:.1e} {ips:.1f} img/s")
+                        bar.update(task, ips=ips)
+                        if show:
+                            bar.console.print(self._loss_line(last, lr), soft_wrap=True, highlight=False)
                         step_times.clear()
                     bar.update(task, completed=p.step)
                     val_due = cfg.train.val_every and p.step % cfg.train.val_every == 0
@@ -526,7 +593,12 @@ class Trainer:
         if self.d.main:
             metrics = self.validate()
             self._log({"step": self.progress.step, **{f"val_{k}": v for k, v in metrics.items()}})
-            if metrics.get("ap", -1.0) > self.progress.best_ap:
+            best = metrics.get("ap", -1.0) > self.progress.best_ap
+            if self._bar is not None:
+                self._bar.console.print(f"step {self.progress.step}/{self.total_steps}: held-out val " + " ".join(
+                    f"{k.upper()} {100 * v:.2f}" for k, v in metrics.items()) + " %" + (" (best so far)" if best else ""),
+                    soft_wrap=True, highlight=False)
+            if best:
                 self.progress.best_ap, self.progress.best_step = metrics["ap"], self.progress.step
                 self._save_model(self.work_dir / "best.safetensors", {"val": metrics})
         if self.d.active:  # every rank keeps the same best_ap so resumed runs agree

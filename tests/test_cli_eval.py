@@ -195,12 +195,13 @@ def test_default_checkpoint_data_root_and_generation(world, tmp_path, monkeypatc
 
     import rpl.data.synthstreets as synthstreets
 
-    def fake_generate(root, seed=0, **kw):
-        calls.append((Path(root), seed))
-        shutil.copytree(world.data, root)
-        (Path(root) / synthstreets.MANIFEST).write_text("{}")  # written last: the generation is complete
+    def fake_ensure_generated(root, seed=0, **kw):
+        if synthstreets.read_manifest(root) is None:
+            calls.append((Path(root), seed))
+            shutil.copytree(world.data, root)
+            (Path(root) / synthstreets.MANIFEST).write_text("{}")  # written last: the generation is complete
 
-    monkeypatch.setattr(synthstreets, "generate", fake_generate, raising=False)
+    monkeypatch.setattr(synthstreets, "ensure_generated", fake_ensure_generated)
     monkeypatch.setattr(cli, "DEFAULT_CHECKPOINT", world.checkpoint)
     monkeypatch.setattr(cli, "DEFAULT_DATA_ROOT", generated)
     out = tmp_path / "default.json"
@@ -211,7 +212,10 @@ def test_default_checkpoint_data_root_and_generation(world, tmp_path, monkeypatc
     assert doc["methods"] == ["rpl", "energy", "msp", "maxlogit", "entropy"]
     assert doc["checkpoint"] == str(world.checkpoint) and doc["data_root"] == str(generated)
     assert all(info["n_images"] == 1 for info in doc["datasets"].values())
+    capsys.readouterr()
     assert run("--limit", "1") == 0 and len(calls) == 1  # generated once
+    caption = " ".join(capsys.readouterr().out.split())  # rich wraps a long caption to the table's width
+    assert "--limit 1: first 1 images of each dataset only" in caption
 
 
 def test_save_vis_writes_overlays_per_method(world, tmp_path, capsys):
@@ -411,7 +415,7 @@ def test_embedded_test_sets_of_an_older_generator_are_regenerated(tmp_path):
     generate(root, seed=1, size=(64, 128), scale=0.005, workers=1)
     manifest = read_manifest(root)
     (root / "synthstreets.json").write_text(json.dumps({**manifest, "version": "0"}))
-    ensure_synthstreets(root, ["synthstreets-rural"])
+    ensure_synthstreets(root)
     regenerated = read_manifest(root)
     assert regenerated["version"] == GENERATOR_VERSION
     assert (regenerated["seed"], regenerated["size"], regenerated["scale"]) == (1, [64, 128], 0.005)

@@ -1,4 +1,4 @@
-"""Every loss against a straightforward implementation written here from DESIGN.md 1.3's formulas."""
+"""Every loss against a straightforward implementation written here from the formulas of docs/method.md, section 3."""
 from __future__ import annotations
 
 import math

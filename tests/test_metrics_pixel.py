@@ -331,10 +331,23 @@ def test_sync_over_two_processes_equals_one_process(tmp_path):
     for p in procs:
         p.join(timeout=60)
     scores, labels = smooth_score_maps(4, seed=9, h=64, w=128)
-    single = _all_metrics(scores, labels)
+    single = _flat(_all_metrics(scores, labels))
     for rank in (0, 1):
+        synced = _flat(results[rank])
+        assert synced.keys() == single.keys(), rank
         for name, expected in single.items():
-            assert results[rank][name] == pytest.approx(expected, abs=1e-12), (name, rank)
+            assert synced[name] == pytest.approx(expected, abs=1e-12), (name, rank)
+
+
+def _flat(tree, prefix: str = "") -> dict:
+    """Nested result dicts as one level of dotted keys (pytest 9's approx refuses nested dicts)."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def test_sync_without_distributed_is_a_no_op_once():

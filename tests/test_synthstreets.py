@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -250,3 +253,79 @@ def test_cli_generates_and_rejects_bad_size(tmp_path, capsys):
     assert read_manifest(tmp_path / "w")["size"] == [64, 128]
     assert main(["synthstreets", "--out", str(tmp_path / "x"), "--size", "12"]) == 2
     assert "--size" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- interrupted generation
+
+TINY = {"seed": 4, "size": (64, 128), "scale": 0.005}
+
+
+@pytest.fixture(scope="module")
+def tiny_reference(tmp_path_factory) -> dict[str, bytes]:
+    root = tmp_path_factory.mktemp("tiny") / "w"
+    generate(root, workers=1, **TINY)
+    return _files(root)
+
+
+def test_an_interrupted_generation_leaves_no_half_world_and_is_redone(tmp_path, monkeypatch, tiny_reference):
+    from rpl.data.synthstreets import ensure_generated, staging_folder
+
+    generate_module = sys.modules["rpl.data.synthstreets.generate"]
+    out = tmp_path / "w"
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # as Ctrl-C (or SIGKILL) after every picture but before the COCO json
+
+    monkeypatch.setattr(generate_module, "_write_coco_json", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        generate(out, workers=1, **TINY)
+    assert not out.exists()  # nothing half-written where the loaders look
+    assert any(staging_folder(out).rglob("*.png"))
+    monkeypatch.undo()
+    ensure_generated(out, **TINY)
+    assert _files(out) == tiny_reference and not staging_folder(out).exists()
+
+
+def test_a_move_cut_short_is_finished_by_the_next_run(tmp_path, tiny_reference):
+    """An older world is being replaced and the run dies between two folder swaps."""
+    from rpl.data.synthstreets import ensure_generated, staging_folder
+
+    out, staging = tmp_path / "w", staging_folder(tmp_path / "w")
+    generate(out, workers=1, **TINY)
+    (out / "coco_ood").mkdir()  # a cache beside the world must survive the swap
+    generate(staging, workers=1, **TINY)  # a finished generation waiting in the staging folder
+    (out / "synthstreets.json").unlink()
+    shutil.rmtree(out / "cityscapes")
+    os.replace(staging / "cityscapes", out / "cityscapes")  # the first folder was moved, then the run died
+    ensure_generated(out, **TINY)
+    assert _files(out) == tiny_reference and (out / "coco_ood").is_dir() and not staging.exists()
+
+
+def test_an_unfinished_world_of_an_older_release_is_regenerated(tmp_path, tiny_reference):
+    """Older releases wrote in place: a killed run left folders without synthstreets.json (and
+    without the COCO json, written after the pictures). That is detected and generated again."""
+    from rpl.data.synthstreets import ensure_generated
+
+    out = tmp_path / "w"
+    generate(out, workers=1, **TINY)
+    (out / "synthstreets.json").unlink()
+    (out / "coco" / "annotations" / "instances_train2017.json").unlink()
+    shutil.rmtree(out / "synthstreets-obstacle")
+    ensure_generated(out, **TINY)
+    assert _files(out) == tiny_reference
+
+
+def test_a_complete_world_is_left_alone_and_foreign_data_is_not_touched(tmp_path, tiny_reference):
+    from rpl.data.synthstreets import ensure_generated
+
+    out = tmp_path / "w"
+    generate(out, workers=1, **TINY)
+    stamp = (out / "synthstreets.json").stat().st_mtime_ns
+    ensure_generated(out, **TINY)
+    assert (out / "synthstreets.json").stat().st_mtime_ns == stamp and _files(out) == tiny_reference
+    own = tmp_path / "mine"
+    (own / "cityscapes" / "leftImg8bit" / "train" / "aachen").mkdir(parents=True)
+    ensure_generated(own, **TINY)  # the user's own Cityscapes: the loaders will check it, nothing is written
+    assert sorted(p.name for p in own.iterdir()) == ["cityscapes"]
+    with pytest.raises(RPLInputError, match="delete .*cityscapes"):
+        generate(own, workers=1, **TINY)

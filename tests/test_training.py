@@ -13,6 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import rpl
+import rpl.cli.eval as eval_cli
 from rpl.cli.train import main as train_main
 from rpl.config import load_config
 from rpl.training import ShardedOrder, build_trainer
@@ -48,6 +50,15 @@ def test_loss_decreases_and_base_is_untouched(world, tmp_path):
     records = [json.loads(l) for l in (run / "log.jsonl").read_text().splitlines()]
     assert {"ce", "entropy", "outlier", "contrastive", "lr", "img_per_s"} <= set(records[0])
     assert any("val_ap" in r for r in records)
+    # the checkpoint loads with no flag: listed factory, segmenter weights linked next to it
+    best = run / "best.safetensors"
+    recorded = rpl.checkpoint.read_metadata(best)["extra"]["segmenter"]["weights"]
+    assert not recorded.startswith("..") and (run / recorded).samefile(world / "segmenter.safetensors")
+    loaded = rpl.from_checkpoint(best)
+    for k, v in trainer.model.segmenter.state_dict().items():
+        assert torch.equal(v, loaded.segmenter.state_dict()[k]), k
+    args = eval_cli.build_parser().parse_args(["--checkpoint", str(best)])
+    assert isinstance(eval_cli.build_model(eval_cli.resolve_source(args), args, torch.device("cpu")), rpl.RPLSegmenter)
 
 
 def test_sharded_order_is_a_resumable_partition():
@@ -209,3 +220,72 @@ def test_outdated_synthstreets_is_regenerated_and_its_outlier_masks_rebuilt(tmp_
     assert train.scales == tuple(cfg.data.paste_scales) == PASTE_SCALES  # the config reaches pasting
     cfg.data.paste_scales = [0.2, 0.4]
     assert prepare_datasets(cfg, Dist())[0].scales == (0.2, 0.4)
+
+
+def _sets(*items: str) -> list[str]:
+    return sum((["--set", s] for s in items), [])
+
+
+def test_a_finished_work_dir_is_protected_and_resume_says_it_is_finished(world, tmp_path, capsys, monkeypatch):
+    work = tmp_path / "run"
+    sets = _sets(*overrides(world, steps=2, **{"train.val_every": 0}))
+    assert train_main(["--work-dir", str(work), "--quiet", *sets]) == 0
+    capsys.readouterr()
+    before = {p.name: p.read_bytes() for p in work.iterdir()}
+
+    # a second run into the same work dir: refused, nothing touched
+    assert train_main(["--work-dir", str(work), "--quiet", *sets, "--set", "optim.lr=1e-2"]) == 2
+    err = capsys.readouterr().err
+    assert "finished run" in err and "--resume" in err and "--work-dir" in err and "--overwrite" in err
+    assert {p.name: p.read_bytes() for p in work.iterdir()} == before
+
+    # --resume on the finished run: says so, trains nothing, evaluates only when asked
+    evaluated = []
+    monkeypatch.setattr("rpl.cli.train._evaluate", lambda work_dir, root: evaluated.append(work_dir) or 0)
+    assert train_main(["--work-dir", str(work), "--quiet", "--resume", *sets]) == 0
+    out = capsys.readouterr().out
+    assert "finished (2/2 steps" in out and "Trained" not in out and evaluated == []
+    assert {p.name: p.read_bytes() for p in work.iterdir()} == before
+    assert train_main(["--work-dir", str(work), "--quiet", "--resume", "--evaluate", *sets]) == 0
+    assert evaluated == [str(work)]
+    assert train_main(["--work-dir", str(work), "--quiet", "--evaluate", *sets]) == 2  # --evaluate needs --resume
+    assert train_main(["--work-dir", str(work), "--resume", "--overwrite", *sets]) == 2
+    capsys.readouterr()
+
+    # --overwrite: the earlier run is deleted first, so the log holds the new run only
+    assert train_main(["--work-dir", str(work), "--quiet", "--overwrite", *sets, "--set", "optim.iterations=3"]) == 0
+    records = [json.loads(line) for line in (work / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "ce" in r] == [1, 2, 3]
+    assert json.loads((work / "summary.json").read_text())["steps"] == 3
+
+
+def test_an_unfinished_work_dir_is_protected_too(world, tmp_path, capsys):
+    work = tmp_path / "run"
+    work.mkdir()
+    (work / "last.pt").write_bytes(b"a run in progress")
+    assert train_main(["--work-dir", str(work), "--quiet", *_sets(*overrides(world, steps=2))]) == 2
+    assert "unfinished run (last.pt)" in capsys.readouterr().err
+    assert (work / "last.pt").read_bytes() == b"a run in progress"
+
+
+def test_progress_prints_loss_and_validation_lines_and_checkpoints_are_0644(world, tmp_path, capsys):
+    work = tmp_path / "run"
+    assert train_main(["--work-dir", str(work), *_sets(*overrides(world, steps=2))]) == 0
+    err = capsys.readouterr().err
+    assert "step 1/2: total" in err and " ce " in err and "lr " in err
+    assert "step 2/2: held-out val" in err and "AP" in err
+    mask = os.umask(0o022)
+    os.umask(mask)
+    for name in ("last.safetensors", "best.safetensors", "last.pt", "config.yaml"):
+        assert (work / name).stat().st_mode & 0o777 == 0o666 & ~mask, name
+
+
+def test_print_config_marks_changed_and_unused_keys(tmp_path, capsys):
+    assert train_main(["--print-config", "--set", "optim.lr=1e-4"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "  lr: 0.0001  # set by --set; default 0.0005" in lines
+    assert any(l.startswith("  epochs: 40  # not used: optim.iterations is set") for l in lines)
+    assert not any("#" in l for l in lines if l.startswith("  batch_size:"))
+    assert train_main(["--print-config", "--set", "optim.iterations=null"]) == 0
+    assert any(l.startswith("  iterations: null  # set by --set") and "optim.epochs sets the length" in l
+               for l in capsys.readouterr().out.splitlines())

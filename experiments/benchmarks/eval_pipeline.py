@@ -138,12 +138,9 @@ def reference_evaluate(checkpoint: Path, data_folder: Path, device: str = "cpu")
     from torchvision.transforms.functional import normalize, to_tensor
 
     import rpl
-    from rpl.checkpoint import read_metadata
-    from rpl.models import SegmenterSpec, build_segmenter
     from rpl.scores import SCORES
 
-    spec = SegmenterSpec.from_dict(read_metadata(checkpoint)["extra"]["segmenter"])
-    model = rpl.load(checkpoint, build_segmenter(spec, base_dir=checkpoint.parent).to(device)).eval()
+    model = rpl.from_checkpoint(checkpoint, device=device)
     scores: dict[str, list[np.ndarray]] = {m: [] for m in METHODS}
     labels: list[np.ndarray] = []
     for image_path in sorted((data_folder / "images").glob("*.png")):

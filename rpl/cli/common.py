@@ -11,6 +11,29 @@ from rpl.errors import RPLInputError
 EXIT_BAD_INPUT = 2
 
 
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions keep their line breaks; every option's help ends with its default when it has one
+    (None and False mean "not given" and are described in words by the help itself)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if ("%(default)" in text or "default" in text.lower() or default is None or default is False
+                or default is argparse.SUPPRESS or not action.option_strings or default == []):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def plain(doc: str | None) -> str:
+    """A docstring as plain text for --help: no reStructuredText double backticks."""
+    return (doc or "").replace("``", "")
+
+
+def make_parser(prog: str, doc: str | None, **kwargs) -> argparse.ArgumentParser:
+    """The parser of a command: its module docstring as plain-text description, defaults in the help."""
+    return argparse.ArgumentParser(prog=prog, description=plain(doc), formatter_class=HelpFormatter, **kwargs)
+
+
 def add_debug_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
 

@@ -11,7 +11,9 @@ Examples:
 The segmenter comes from the checkpoint's metadata (written by rpl-train), or from --model/--weights
 (weights read with torch.load(weights_only=True) or safetensors). With several checkpoints, each
 model is run once per image and scored with its own method; the post-hoc scores come from the
-first checkpoint's segmenter; one mIoU row per distinct segmenter. Method ``rpl`` needs a checkpoint;
+first checkpoint's segmenter; one mIoU row per distinct segmenter. A checkpoint may only name a listed
+factory (rpl.models.factories) and weights next to it; --model (yours), or --trust-checkpoint after
+reading the call the refusal prints, builds any other. Method ``rpl`` needs a checkpoint;
 ``energy``, ``msp``, ``maxlogit`` and ``entropy`` score the closed-set logits of the same forward
 pass (not blurred unless --smooth-baselines: only RPL blurs its own energy, as in the papers);
 ``mcdropout`` averages the softmax entropy of --mc-samples passes with dropout on.
@@ -30,12 +32,12 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import rpl
-from rpl.cli.common import add_debug_flag, run_command
+from rpl.cli.common import add_debug_flag, make_parser, run_command
 from rpl.data.registry import dataset_names
 from rpl.errors import RPLInputError
-from rpl.evaluation import (BARE_SEGMENTER, CLOSED_SET, COMPILE_MODES, EvalOptions, Evaluator, Preprocess,
-                            check_methods, open_datasets, sanitize)
-from rpl.models.loading import SegmenterSpec
+
+# torch, the models and the evaluation engine are imported inside the functions that need them, so
+# that --help and option errors answer at once (a test checks that --help imports no torch).
 
 WEIGHTS_DIR = Path(rpl.__file__).resolve().parent.parent / "weights"
 DEFAULT_CHECKPOINT = WEIGHTS_DIR / "rpl_synthstreets.safetensors"
@@ -47,66 +49,72 @@ DEFAULT_DATASETS = ("synthstreets-anomaly", "synthstreets-rural", "synthstreets-
 WRAPPED_METHODS = ("rpl", "energy", "msp", "maxlogit", "entropy")
 BARE_METHODS = ("energy", "msp", "maxlogit", "entropy")
 WANDB_OVERLAYS = 2  # per dataset and method, when logging to wandb without --save-vis
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")  # rpl.evaluation.COMPILE_MODES (a test compares)
 METRIC_KEYS = ("auroc", "ap", "fpr95")
 COMPONENT_KEYS = ("siou", "ppv", "mean_f1")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="rpl-eval", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = make_parser("rpl-eval", __doc__)
     p.add_argument("--checkpoint", action="append", metavar="FILE_OR_DIR",
                    help="a checkpoint of any method (.safetensors from rpl-train), or a folder of them; repeat it "
                         "to compare methods in one table (default: every shipped checkpoint in weights/ when "
                         "--model is not given)")
-    p.add_argument("--datasets", help="comma-separated dataset names, among: " + ", ".join(dataset_names()) +
+    p.add_argument("--datasets", metavar="A,B", help="comma-separated dataset names, among: " + ", ".join(dataset_names()) +
                                       " (default: the SynthStreets test sets and cityscapes-val under "
                                       "data/synthstreets)")
-    p.add_argument("--data-root", help="folder holding the datasets (default data/synthstreets for the "
-                                       "embedded sets, generated there when missing)")
-    p.add_argument("--methods", help="comma-separated: rpl, energy, msp, maxlogit, entropy, mcdropout (default: "
+    p.add_argument("--data-root", metavar="DIR", help="folder holding the datasets (default: data/synthstreets "
+                                                      "under the current directory for the embedded sets, generated "
+                                                      "there when missing)")
+    p.add_argument("--methods", metavar="A,B", help="comma-separated: rpl, energy, msp, maxlogit, entropy, mcdropout (default: "
                                      "rpl,energy,msp,maxlogit,entropy with a checkpoint, else the four baselines)")
     out = p.add_argument_group("outputs")
-    out.add_argument("--json", help="write the results as JSON (metrics as fractions)")
-    out.add_argument("--csv", help="write the results table as CSV (fractions)")
-    out.add_argument("--markdown", help="write the results table as Markdown (percentages)")
+    out.add_argument("--json", metavar="FILE", help="write the results as JSON (metrics as fractions)")
+    out.add_argument("--csv", metavar="FILE", help="write the results table as CSV (fractions)")
+    out.add_argument("--markdown", metavar="FILE", help="write the results table as Markdown (percentages)")
     out.add_argument("--save-vis", metavar="DIR", help="write heat-map overlays DIR/<dataset>/<method>/<image>.png, "
                                                        "one per method and image (image/2 + score colours/2 inside "
                                                        "the ROI, ground truth outlined)")
-    out.add_argument("--vis-limit", type=int, default=20, help="overlays per dataset (default 20)")
+    out.add_argument("--vis-limit", metavar="N", type=int, default=20, help="overlays per dataset")
     out.add_argument("--wandb", choices=("disabled", "offline", "online"), default="disabled",
-                     help="log the table and a few overlays to Weights & Biases (default disabled)")
-    out.add_argument("--wandb-project", default="rpl")
+                     help="log the table and a few overlays to Weights & Biases")
+    out.add_argument("--wandb-project", metavar="NAME", default="rpl", help="Weights & Biases project")
     out.add_argument("--quiet", action="store_true", help="no progress bar")
     model = p.add_argument_group("segmenter (instead of, or on top of, the checkpoint's)")
-    model.add_argument("--model", help="segmenter factory package.module:factory")
-    model.add_argument("--weights", help="segmenter weights (.safetensors or .pth state dict)")
-    model.add_argument("--model-kwargs", help="JSON object of keyword arguments for the factory")
-    model.add_argument("--head", help="frozen head block the add-on perturbs (overrides the checkpoint's)")
-    model.add_argument("--feature", help="module the add-on reads (overrides the checkpoint's)")
+    model.add_argument("--model", metavar="PKG.MOD:FACTORY", help="segmenter factory package.module:factory")
+    model.add_argument("--weights", metavar="FILE", help="segmenter weights (.safetensors or .pth state dict)")
+    model.add_argument("--model-kwargs", metavar="JSON", help="JSON object of keyword arguments for the factory")
+    model.add_argument("--trust-checkpoint", action="store_true",
+                       help="build the checkpoint's recorded segmenter even when its factory is not a listed one "
+                            "(read it first: the refusal prints the call)")
+    model.add_argument("--head", metavar="NAME", help="frozen head block the add-on perturbs (overrides the checkpoint's)")
+    model.add_argument("--feature", metavar="NAME", help="module the add-on reads (overrides the checkpoint's)")
     pre = p.add_argument_group("preprocessing (recorded in the JSON)")
-    pre.add_argument("--mean", help="r,g,b mean after /255 (default: the checkpoint's, else ImageNet)")
-    pre.add_argument("--std", help="r,g,b std after /255 (default: the checkpoint's, else ImageNet)")
+    pre.add_argument("--mean", metavar="R,G,B", help="r,g,b mean after /255 (default: the checkpoint's, else ImageNet)")
+    pre.add_argument("--std", metavar="R,G,B", help="r,g,b std after /255 (default: the checkpoint's, else ImageNet)")
     pre.add_argument("--no-normalize", action="store_true", help="feed images in [0, 1] without mean/std")
     pre.add_argument("--resize", metavar="HxW", help="resize inputs to HxW; scores go back to the label size")
     met = p.add_argument_group("metrics")
     met.add_argument("--pixel-mode", choices=("exact", "streaming", "smiyc"), default="streaming",
-                     help="streaming (default, bounded memory), exact (equals scikit-learn), smiyc (SMIYC evaluator)")
+                     help="streaming (bounded memory), exact (equals scikit-learn), smiyc (SMIYC evaluator)")
     met.add_argument("--fpr-rule", choices=("first", "closest"), default="first",
                      help="FPR@95 at the first threshold with TPR >= 0.95 (official) or the closest (RPL/PEBAL code)")
     met.add_argument("--components", action="store_true", help="also SMIYC sIoU, PPV and mean F1")
     met.add_argument("--smooth-baselines", action="store_true",
                      help="blur the post-hoc scores like RPL's energy (kernel 7, sigma 1)")
-    met.add_argument("--mc-samples", type=int, default=8, help="stochastic passes of mcdropout (default 8)")
-    met.add_argument("--seed", type=int, default=0, help="seed of the mcdropout passes")
+    met.add_argument("--mc-samples", metavar="N", type=int, default=8, help="stochastic passes of mcdropout")
+    met.add_argument("--seed", metavar="N", type=int, default=0, help="seed of the mcdropout passes")
     run = p.add_argument_group("running")
-    run.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    run.add_argument("--device", metavar="DEVICE", help="cpu or cuda (default: cuda when available)")
     run.add_argument("--amp", action="store_true", help="mixed precision forward (bf16, fp16 on older GPUs)")
     run.add_argument("--compile", choices=COMPILE_MODES,
                      help="torch.compile the forward with this mode (reduce-overhead uses CUDA graphs on GPU); "
                           "the first images pay the compile time")
-    run.add_argument("--batch-size", type=int, default=1)
-    run.add_argument("--num-workers", type=int, default=min(4, os.cpu_count() or 1))
-    run.add_argument("--limit", type=int, help="evaluate only the first N images of each dataset")
+    run.add_argument("--batch-size", metavar="N", type=int, default=1, help="images per forward pass")
+    run.add_argument("--num-workers", metavar="N", type=int, default=min(4, os.cpu_count() or 1),
+                     help="data-loading processes (default: the CPU count, at most 4)")
+    run.add_argument("--limit", metavar="N", type=int,
+                     help="evaluate only the first N images of each dataset (said in the table's caption)")
     add_debug_flag(p)
     return p
 
@@ -182,9 +190,14 @@ class Source:
     base_dir: Path | None  # relative weight paths in a checkpoint's spec are relative to its folder
     method: str | None = None  # the checkpoint's method (rpl.methods)
     base_method: str | None = None  # the method whose tuned segmenter the checkpoint's method sits on
+    recorded: bool = False  # spec read from the checkpoint (checked), not written by the user
+    trust_checkpoint: bool = False
+    weights: str | None = None  # the user's --weights, replacing the recorded file
 
 
 def resolve_source(args: argparse.Namespace) -> Source:
+    from rpl.models.loading import SegmenterSpec
+
     """The checkpoint and segmenter spec the options describe; cheap, so it runs before any data is read.
 
     The segmenter is the checkpoint's recorded one unless ``--model`` names another; ``--weights``
@@ -231,11 +244,17 @@ def resolve_source(args: argparse.Namespace) -> Source:
         raise RPLInputError(f"checkpoint {checkpoint} records no segmenter (its metadata has no 'segmenter' entry); "
                             "pass --model package.module:factory and --weights FILE for the frozen segmenter it was "
                             "trained on.")
-    spec = SegmenterSpec.from_dict(recorded)
-    if args.weights is not None:
+    from rpl.models.loading import resolve_factory, resolve_weights
+
+    spec = SegmenterSpec.from_dict(recorded, where="extra.segmenter", source=checkpoint)
+    resolve_factory(spec, checkpoint, args.trust_checkpoint)  # refused here, before any data is read
+    if args.weights is None:
+        resolve_weights(spec, recorded_in=checkpoint)
+    else:
         spec.weights = args.weights
-        return Source(checkpoint, spec, None, method, base_method)
-    return Source(checkpoint, spec, checkpoint.parent, method, base_method)
+    return Source(checkpoint, spec, checkpoint.parent, method, base_method, recorded=True,
+                  trust_checkpoint=args.trust_checkpoint,
+                  weights=args.weights)
 
 
 def build_model(source: Source, args: argparse.Namespace, device) -> Any:
@@ -243,7 +262,12 @@ def build_model(source: Source, args: argparse.Namespace, device) -> Any:
     from rpl.methods import get
     from rpl.models.loading import build_segmenter
 
-    segmenter = build_segmenter(source.spec, base_dir=source.base_dir).to(device)
+    if source.recorded:
+        segmenter = build_segmenter(source.spec, recorded_in=source.checkpoint,
+                                    trust_checkpoint=source.trust_checkpoint, weights=source.weights)
+    else:
+        segmenter = build_segmenter(source.spec, base_dir=source.base_dir)
+    segmenter = segmenter.to(device)
     if source.checkpoint is None:
         return segmenter
     overrides = {k: v for k, v in (("head", args.head), ("feature", args.feature)) if v}
@@ -257,6 +281,8 @@ def build_model(source: Source, args: argparse.Namespace, device) -> Any:
 
 
 def resolve_preprocess(source: Source, args: argparse.Namespace) -> Preprocess:
+    from rpl.evaluation import Preprocess
+
     if args.no_normalize and (args.mean or args.std):
         raise RPLInputError("--no-normalize cannot be combined with --mean/--std.")
     if bool(args.mean) != bool(args.std):
@@ -301,26 +327,20 @@ def resolve_datasets(args: argparse.Namespace) -> tuple[list[str], Path | None]:
     if args.data_root is not None:
         return names, Path(args.data_root)
     if all(n in DEFAULT_DATASETS for n in names):
-        ensure_synthstreets(DEFAULT_DATA_ROOT, names)
+        ensure_synthstreets(DEFAULT_DATA_ROOT)
         return names, DEFAULT_DATA_ROOT
     return names, None  # the registry's error names --data-root
 
 
-def ensure_synthstreets(root: Path, names: Sequence[str]) -> None:
+def ensure_synthstreets(root: Path) -> None:
     """Generate the embedded SynthStreets world into ``root`` unless a finished generation is there."""
-    from rpl.data.registry import dataset_info
-
     try:
-        from rpl.data.synthstreets import generate, read_manifest, regenerate_if_outdated
+        from rpl.data.synthstreets import ensure_generated
     except ImportError as err:
         raise RPLInputError(f"the SynthStreets generator cannot be imported ({err}), so the embedded test sets "
                             f"under {root} cannot be checked or created; pass --data-root DIR with the "
                             "datasets.") from None
-    if read_manifest(root) is not None and all((root / dataset_info(n).folder).is_dir() for n in names):
-        regenerate_if_outdated(root)
-        return
-    print(f"rpl-eval: generating the SynthStreets data sets into {root} (once)...", file=sys.stderr)
-    generate(root, seed=0)
+    ensure_generated(root, seed=0, hint=" (--data-root DIR reads the data sets from elsewhere)")
 
 
 # -- reporting ---------------------------------------------------------------------------------
@@ -338,6 +358,8 @@ def table_columns(results: list[dict[str, Any]], components: bool) -> list[tuple
 
 
 def _cell(row: dict[str, Any], key: str) -> str:
+    from rpl.evaluation import BARE_SEGMENTER, CLOSED_SET
+
     if key not in row or ("miou" in row and row.get("miou") is not None and key != "miou") or (
             row.get("method") in (CLOSED_SET, BARE_SEGMENTER) and key != "miou"):
         return "-"
@@ -454,6 +476,8 @@ def checkpoint_paths(args: argparse.Namespace) -> list[Path]:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from rpl.evaluation import EvalOptions, check_methods, open_datasets, sanitize
+
     device = _device(args.device)
     paths = checkpoint_paths(args)
     if len(paths) > 1:
@@ -527,6 +551,8 @@ def _run_many(args: argparse.Namespace, paths: list[Path], device) -> int:
     import copy
 
     from rpl.checkpoint import fingerprint
+    from rpl.evaluation import (BARE_SEGMENTER, CLOSED_SET, EvalOptions, Evaluator, check_methods, open_datasets,
+                                sanitize)
     from rpl.methods import get
 
     for option in ("model", "weights", "model_kwargs", "head", "feature"):
@@ -645,6 +671,8 @@ def _run_many(args: argparse.Namespace, paths: list[Path], device) -> int:
 def _evaluate_and_report(args: argparse.Namespace, model: Any, options: EvalOptions, preprocess: Preprocess,
                          entries: list, document: dict[str, Any], outputs: dict[str, Path | None],
                          vis_dir: Path | None, run: Any) -> int:
+    from rpl.evaluation import Evaluator, sanitize
+
     sink = VisualSink(vis_dir, WANDB_OVERLAYS if run is not None else 0) if (vis_dir or run is not None) else None
     report = Evaluator(model, options, preprocess, document["device"], on_visual=sink).run(entries)
     if not report.defined():
@@ -654,6 +682,8 @@ def _evaluate_and_report(args: argparse.Namespace, model: Any, options: EvalOpti
 
     document = sanitize({"results": report.results, **document, "datasets": report.datasets, "notes": report.notes})
     caption = f"pixel mode {args.pixel_mode}, FPR@95 rule {args.fpr_rule}"
+    if args.limit is not None:
+        caption += f"; --limit {args.limit}: first {args.limit} images of each dataset only"
     if outputs["json"]:
         write_atomic(outputs["json"], json.dumps(document, indent=2, allow_nan=False) + "\n")
     if outputs["csv"]:

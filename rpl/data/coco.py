@@ -1,7 +1,7 @@
 """COCO outlier-exposure preparation: Meta-OoD image selection and union masks, cached once.
 
 The cache folder holds one PNG mask per kept image (named by the image's file stem; 254 = object,
-0 = background) and a ``manifest.json`` written last. Selection rules (Meta-OoD, DESIGN.md 1.4),
+0 = background) and a ``manifest.json`` written last. Selection rules (Meta-OoD, docs/method.md section 4),
 applied in this order and counted separately:
 
 1. ``excluded_category``: the image has an annotation of person, bicycle, car, motorcycle, bus,
@@ -220,8 +220,9 @@ def prepare_coco_ood(coco_root: str | os.PathLike, out_dir: str | os.PathLike, s
         from pycocotools import mask as mask_api
     except ImportError:
         raise RPLInputError(
-            "Preparing COCO outlier masks needs pycocotools, which is not installed; "
-            "run `pip install pycocotools` (or `pip install rpl[coco]`)."
+            "Preparing COCO outlier masks needs pycocotools, one of rpl's install requirements, which is "
+            "not installed in this Python; run `pip install pycocotools` (or reinstall rpl with "
+            "`pip install -c constraints.txt -e .`)."
         ) from None
 
     data = _load_annotations(ann_file)

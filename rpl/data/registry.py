@@ -21,15 +21,22 @@ marks a closed-set set whose labels are train ids rather than 0/1/255.
 """
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-from torch.utils.data import Dataset
-
-from rpl.data.anomaly import SMIYC, LostAndFound, MaskFolderDataset, RoadAnomaly, StreetHazards
-from rpl.data.cityscapes import CityscapesSegmentation
 from rpl.errors import RPLInputError
+
+if TYPE_CHECKING:
+    from torch.utils.data import Dataset
+
+
+def _loader(name: str, **kwargs: Any) -> Callable[[Path], "Dataset"]:
+    """``root -> Dataset`` of class ``name`` from rpl.data.anomaly / rpl.data.cityscapes, imported on first
+    use: the names and folders here are read by ``rpl-eval --help``, which must not wait for torch."""
+    module = "rpl.data.cityscapes" if name == "CityscapesSegmentation" else "rpl.data.anomaly"
+    return lambda root: getattr(importlib.import_module(module), name)(root, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -38,12 +45,12 @@ class DatasetInfo:
     folder: str  # default sub-folder under the data root
     description: str
     track: str | None  # "anomaly" / "obstacle" (component metrics), None for closed-set data
-    open: Callable[[Path], Dataset]
+    open: Callable[[Path], "Dataset"]
     class_labels: bool = False  # labels are class ids (mIoU), not 0/1/255
 
 
-def _masks(kind: str) -> Callable[[Path], Dataset]:
-    return lambda root: MaskFolderDataset(root, kind=kind)
+def _masks(kind: str) -> Callable[[Path], "Dataset"]:
+    return _loader("MaskFolderDataset", kind=kind)
 
 
 _DATASETS = [
@@ -51,13 +58,13 @@ _DATASETS = [
                 _masks("Fishyscapes Lost & Found val")),
     DatasetInfo("fs-static", "fishyscapes/Static", "Fishyscapes Static val", "anomaly",
                 _masks("Fishyscapes Static val")),
-    DatasetInfo("road-anomaly", "road_anomaly", "Road Anomaly", "anomaly", RoadAnomaly),
+    DatasetInfo("road-anomaly", "road_anomaly", "Road Anomaly", "anomaly", _loader("RoadAnomaly")),
     DatasetInfo("smiyc-anomaly", "dataset_AnomalyTrack", "SMIYC AnomalyTrack validation", "anomaly",
-                lambda root: SMIYC(root, track="anomaly", split="validation")),
+                _loader("SMIYC", track="anomaly", split="validation")),
     DatasetInfo("smiyc-obstacle", "dataset_ObstacleTrack", "SMIYC ObstacleTrack validation", "obstacle",
-                lambda root: SMIYC(root, track="obstacle", split="validation")),
-    DatasetInfo("laf", "lost_and_found", "LostAndFound test NoKnown", "obstacle", LostAndFound),
-    DatasetInfo("streethazards", "streethazards", "StreetHazards test", "anomaly", StreetHazards),
+                _loader("SMIYC", track="obstacle", split="validation")),
+    DatasetInfo("laf", "lost_and_found", "LostAndFound test NoKnown", "obstacle", _loader("LostAndFound")),
+    DatasetInfo("streethazards", "streethazards", "StreetHazards test", "anomaly", _loader("StreetHazards")),
     DatasetInfo("synthstreets-anomaly", "synthstreets-anomaly", "SynthStreets anomalies, city context", "anomaly",
                 _masks("SynthStreets anomaly test set")),
     DatasetInfo("synthstreets-rural", "synthstreets-rural", "SynthStreets anomalies, rural context", "anomaly",
@@ -65,7 +72,7 @@ _DATASETS = [
     DatasetInfo("synthstreets-obstacle", "synthstreets-obstacle", "SynthStreets road obstacles", "obstacle",
                 _masks("SynthStreets obstacle test set")),
     DatasetInfo("cityscapes-val", "cityscapes", "Cityscapes val (closed-set mIoU)", None,
-                lambda root: CityscapesSegmentation(root, split="val"), class_labels=True),
+                _loader("CityscapesSegmentation", split="val"), class_labels=True),
 ]
 _BY_NAME = {info.name: info for info in _DATASETS}
 
@@ -91,7 +98,7 @@ def dataset_path(name: str, data_root: str | Path | None, path: str | Path | Non
     return Path(data_root) / info.folder
 
 
-def open_dataset(name: str, data_root: str | Path | None, path: str | Path | None = None) -> Dataset:
+def open_dataset(name: str, data_root: str | Path | None, path: str | Path | None = None) -> "Dataset":
     """Open a dataset by name; its layout is checked now, so a wrong folder fails before any model runs."""
     info = dataset_info(name)
     root = dataset_path(name, data_root, path)

@@ -101,6 +101,10 @@ class Method:
         raise NotImplementedError
 
     # -- checkpoints -----------------------------------------------------------------------------
+    def metadata_fields(self, path: str | Path) -> tuple:
+        """The method's own metadata fields (``rpl.checkpoint.MetadataField``), validated on read."""
+        return ()
+
     def save(self, path: str | Path, model: nn.Module, extra: dict[str, Any] | None = None,
              base_fingerprint: str | None = None) -> Path:
         raise NotImplementedError
@@ -124,4 +128,5 @@ def recorded_segmenter(path: str | Path, meta: dict[str, Any]) -> nn.Module:
     if not recorded:
         raise RPLInputError(f"checkpoint {path} records no segmenter (its metadata has no 'segmenter' entry); pass "
                             "the segmenter it was trained on (rpl-eval --model package.module:factory --weights FILE).")
-    return build_segmenter(SegmenterSpec.from_dict(recorded), base_dir=Path(path).parent)
+    spec = SegmenterSpec.from_dict(recorded, where="extra.segmenter", source=path)
+    return build_segmenter(spec, recorded_in=path)

@@ -278,6 +278,26 @@ class PEBAL(Method):
         model.load_state_dict(state)
 
     # -- checkpoints -----------------------------------------------------------------------------
+    def metadata_fields(self, path: str | Path) -> tuple:
+        from rpl.checkpoint import FieldError, MetadataField
+
+        def check(value: Any) -> None:
+            if not isinstance(value, dict):
+                raise FieldError(f"is a JSON {type(value).__name__}; expected an object")
+            layer = value.get("layer")
+            if not isinstance(layer, str) or not layer or len(layer) > 200 or not all(
+                    part.isidentifier() or part.isdigit() for part in layer.split(".")):
+                raise FieldError(f"is {str(layer)[:60]!r}; expected a module path such as final.6", "layer")
+            k = value.get("num_classes")
+            if not isinstance(k, int) or isinstance(k, bool) or not 0 < k < 254:
+                raise FieldError(f"is {str(k)[:60]!r}; expected a class count 1..253", "num_classes")
+            smoothing = value.get("smoothing")
+            if smoothing is not None and not (isinstance(smoothing, list) and len(smoothing) == 2 and all(
+                    isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1001 for v in smoothing)):
+                raise FieldError(f"is {str(smoothing)[:60]}; expected null or [kernel size, sigma]", "smoothing")
+
+        return (MetadataField("pebal", json=True, check=check),)
+
     def save(self, path: str | Path, model: nn.Module, extra: dict[str, Any] | None = None,
              base_fingerprint: str | None = None) -> Path:
         from rpl.checkpoint import SEGMENTER_PREFIX, fingerprint, write_checkpoint

@@ -114,6 +114,11 @@ class RPL(Method):
         model.bare_addon.load_state_dict(state)
 
     # -- checkpoints -----------------------------------------------------------------------------
+    def metadata_fields(self, path: str | Path) -> tuple:
+        from rpl.checkpoint import MetadataField, check_wrap
+
+        return (MetadataField("wrap", json=True, check=check_wrap),)
+
     def save(self, path: str | Path, model: nn.Module, extra: dict[str, Any] | None = None,
              base_fingerprint: str | None = None) -> Path:
         from rpl.checkpoint import save

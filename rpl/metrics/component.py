@@ -1,4 +1,4 @@
-"""SegmentMeIfYouCan component-level metrics: sIoU, PPV and mean F1 (DESIGN.md 2).
+"""SegmentMeIfYouCan component-level metrics: sIoU, PPV and mean F1 (docs/method.md, section 7).
 
 Per frame, as the SMIYC evaluator does (rules read off its public code):
 

@@ -4,7 +4,7 @@
     m.update(logits.argmax(1), target)     # (B, H, W) or (H, W) class ids
     m.compute()                            # {"miou", "iou_per_class", "pixel_accuracy", ...}
 
-The matrix is summed over the whole dataset (DESIGN.md 2), not averaged per image. A class with
+The matrix is summed over the whole dataset (docs/method.md, section 7), not averaged per image. A class with
 no pixel in the ground truth and none predicted has no IoU: it is left out of the mean and
 reported as None in ``iou_per_class`` (the cityscapesScripts convention of a NaN-skipping mean).
 A class present in either but never right counts as 0.

@@ -7,7 +7,7 @@
     m.compute()                         # {"auroc", "ap", "fpr95", ...} as fractions in [0, 1]
 
 Pooled means one ranking over every valid pixel of the dataset, never a per-image average
-(DESIGN.md 2). Higher score = more anomalous. Three modes:
+(docs/method.md, section 7). Higher score = more anomalous. Three modes:
 
 - ``"exact"`` (default): equals scikit-learn's ``roc_auc_score`` / ``average_precision_score``
   and the first-threshold FPR rule on any input, ties included. Keeps 4 bytes per valid pixel

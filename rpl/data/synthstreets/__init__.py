@@ -7,7 +7,7 @@ anomaly benchmarks, writing each in its real on-disk layout so the real loaders 
     DIR/cityscapes/gtFine/{train,val}/{city}/{city}_{seq:06d}_000019_gtFine_labelTrainIds.png
     DIR/coco/train2017/{id:012d}.jpg, DIR/coco/annotations/instances_train2017.json
     DIR/synthstreets-{anomaly,rural,obstacle}/images/NNNN.png + labels_masks/NNNN.png
-    DIR/synthstreets.json   (seed, size, counts, version, classes; written last)
+    DIR/synthstreets.json   (seed, size, counts, version, classes; written last: the mark of a finished world)
 
 Streets are rendered in perspective (bending road, lane markings, sidewalks, facades with windows,
 trees, poles, traffic lights and signs, cars, people) with Cityscapes train ids (the eleven classes
@@ -24,13 +24,13 @@ Same seed, same bytes: every picture is drawn from its own ``(seed, set, index)`
 """
 from .anomalies import ANOMALY_KINDS, ANOMALY_TEXTURES
 from .classes import CLASS_NAMES, GENERATED_CLASSES
-from .generate import (DEFAULT_COUNTS, DEFAULT_SIZE, GENERATOR_VERSION, MANIFEST, GenerationSummary, generate,
-                       image_counts, is_generated, read_manifest, regenerate_if_outdated)
+from .generate import (DEFAULT_COUNTS, DEFAULT_SIZE, GENERATOR_VERSION, MANIFEST, GenerationSummary, ensure_generated,
+                       generate, image_counts, is_generated, read_manifest, regenerate_if_outdated, staging_folder)
 from .oe import OE_CATEGORIES, OE_TEXTURES
 from .scene import Scene, render_street
 
 __all__ = [
-    "generate", "GenerationSummary", "is_generated", "read_manifest", "regenerate_if_outdated", "image_counts",
+    "generate", "ensure_generated", "staging_folder", "GenerationSummary", "is_generated", "read_manifest", "regenerate_if_outdated", "image_counts",
     "render_street", "Scene",
     "DEFAULT_SIZE", "DEFAULT_COUNTS", "GENERATOR_VERSION", "MANIFEST", "CLASS_NAMES", "GENERATED_CLASSES",
     "OE_CATEGORIES", "OE_TEXTURES", "ANOMALY_KINDS", "ANOMALY_TEXTURES",

@@ -44,6 +44,8 @@ ANOMALY_SETS = {  # folder: (set, context, anomalies per picture, on-screen area
 STREAMS = {"train": 1, "val": 2, "coco": 3, "anomaly": 4, "rural": 5, "obstacle": 6}
 OUTPUT_FOLDERS = ("cityscapes", "coco", *ANOMALY_SETS)
 MAX_ATTEMPTS = 25
+STAGING_SUFFIX = ".partial"  # DIR.partial/ holds a generation in progress; DIR only ever gets finished ones
+STAGING_MARK = ".rpl-synthstreets-in-progress"
 
 
 @dataclass(frozen=True)
@@ -126,31 +128,118 @@ def regenerate_if_outdated(out: str | Path) -> bool:
         return False
     print(f"SynthStreets under {out} was written by generator version {manifest.get('version')}; "
           f"regenerating it with version {GENERATOR_VERSION} (once).", file=sys.stderr)
-    try:
-        _check_args(manifest.get("seed", 0), manifest.get("size"), manifest.get("scale", 1.0))
-    except RPLInputError as err:
-        raise RPLInputError(f"{Path(out) / MANIFEST} records parameters that cannot be regenerated ({err}); "
-                            "delete the folder and run again to generate SynthStreets afresh.") from None
-    generate(out, seed=manifest.get("seed", 0), size=manifest.get("size"), scale=manifest.get("scale", 1.0))
+    _regenerate_with_own_parameters(Path(out), manifest)
     return True
 
 
-def _prepare(out: Path) -> None:
-    """Clear a previous generation; refuse to touch folders the generator did not write."""
+def _regenerate_with_own_parameters(out: Path, manifest: dict) -> None:
+    try:
+        _check_args(manifest.get("seed", 0), manifest.get("size"), manifest.get("scale", 1.0))
+    except RPLInputError as err:
+        raise RPLInputError(f"{out / MANIFEST} records parameters that cannot be regenerated ({err}); "
+                            "delete the folder and run again to generate SynthStreets afresh.") from None
+    generate(out, seed=manifest.get("seed", 0), size=manifest.get("size"), scale=manifest.get("scale", 1.0))
+
+
+def ensure_generated(out: str | Path, seed: int = 0, size: tuple[int, int] | None = None, scale: float = 1.0,
+                     hint: str = "") -> None:
+    """Make ``out`` hold a finished, current SynthStreets world (what rpl-train and rpl-eval call).
+
+    - an interrupted final move of an earlier generation (see ``generate``) is completed;
+    - no generator output there: generate it with ``seed``, ``size``, ``scale``;
+    - a finished generation: regenerated (own parameters) when an older version wrote it or one of
+      its folders was deleted;
+    - an unfinished one (generator output without ``synthstreets.json``, as an interrupted run of
+      an older release left it): regenerated;
+    - anything else (the user's own data in these layouts) is left for the loaders to check.
+
+    ``hint`` ends the message that announces a generation (the caller's option to put it elsewhere).
+    """
+    out = Path(out)
+    _finish_interrupted_move(out)
+    manifest = read_manifest(out)
+    if manifest is not None:
+        missing = [f for f in OUTPUT_FOLDERS if not (out / f).is_dir()]
+        if missing:
+            print(f"SynthStreets under {out} lacks {', '.join(missing)}; regenerating it (once).", file=sys.stderr)
+            _regenerate_with_own_parameters(out, manifest)
+        else:
+            regenerate_if_outdated(out)
+        return
+    if _unfinished_generation(out):
+        print(f"SynthStreets under {out} is unfinished (no {MANIFEST}: an earlier generation was interrupted); "
+              f"generating it again{hint}.", file=sys.stderr)
+        generate(out, seed=seed, size=size, scale=scale)
+    elif not any((out / f).exists() for f in OUTPUT_FOLDERS):
+        print(f"SynthStreets not found under {out}: generating it (once) into {out.absolute()}{hint}.",
+              file=sys.stderr)
+        generate(out, seed=seed, size=size, scale=scale)
+
+
+def staging_folder(out: str | Path) -> Path:
+    """Where ``generate`` writes before moving the finished world to ``out`` (a sibling of it)."""
+    out = Path(out)
+    return out.with_name(out.name + STAGING_SUFFIX)
+
+
+def _unfinished_generation(out: Path) -> bool:
+    """Generator output without a manifest: the first training city's folder is the generator's mark."""
+    return read_manifest(out) is None and (out / "cityscapes" / "leftImg8bit" / "train" / CITIES["train"][0]).is_dir()
+
+
+def _check_target(out: Path) -> None:
+    """Refuse a file, or folders that the generator did not write (nothing is deleted here)."""
     if out.exists() and not out.is_dir():
         raise RPLInputError(f"SynthStreets --out {out} is a file; expected a folder (it is created if missing).")
-    ours = (out / MANIFEST).is_file()
+    if read_manifest(out) is not None or _unfinished_generation(out):
+        return
     present = [out / f for f in OUTPUT_FOLDERS if (out / f).exists()]
-    if present and not ours:
+    if present:
         raise RPLInputError(
             f"SynthStreets --out {out} already holds {', '.join(str(p) for p in present)} but no {MANIFEST}, "
             "so they were not written by this generator; expected an empty or new folder "
-            "(or one from an earlier generation)."
+            f"(or one from an earlier generation). If they are left from an interrupted generation, delete "
+            f"{', '.join(str(p) for p in present)} and run again."
         )
-    (out / MANIFEST).unlink(missing_ok=True)  # unfinished until the manifest is written again
-    for path in present:
-        shutil.rmtree(path)
-    out.mkdir(parents=True, exist_ok=True)
+
+
+def _clear_staging(staging: Path) -> None:
+    """Delete a staging folder left by an interrupted generation (only if the generator made it)."""
+    if not staging.exists():
+        return
+    if not (staging / STAGING_MARK).is_file() and not (staging / MANIFEST).is_file():
+        raise RPLInputError(f"SynthStreets needs {staging} as its temporary folder, but it exists and was not made "
+                            "by the generator; move or delete it and run again.")
+    shutil.rmtree(staging)
+
+
+def _move_into_place(staging: Path, out: Path) -> None:
+    """Move a finished generation from ``staging`` to ``out``, the manifest last.
+
+    ``out`` absent: one rename. ``out`` present (an older generation, maybe with caches such as the
+    outlier-mask cache beside it): the manifest goes first, each generator folder is swapped, the
+    manifest comes back last. Every step can be repeated, so a move cut short is finished by the next
+    call (``_finish_interrupted_move``).
+    """
+    (staging / STAGING_MARK).unlink(missing_ok=True)
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging, out)
+        return
+    (out / MANIFEST).unlink(missing_ok=True)  # unfinished from here until the new manifest lands
+    for folder in OUTPUT_FOLDERS:
+        if (staging / folder).exists():
+            if (out / folder).exists():
+                shutil.rmtree(out / folder)
+            os.replace(staging / folder, out / folder)
+    os.replace(staging / MANIFEST, out / MANIFEST)
+    shutil.rmtree(staging)
+
+
+def _finish_interrupted_move(out: Path) -> None:
+    staging = staging_folder(out)
+    if (staging / MANIFEST).is_file():
+        _move_into_place(staging, out)
 
 
 def _street(seed: int, stream: str, index: int, size, context: str = "city", anomalies=(0, 0), area=(0.003, 0.08),
@@ -260,6 +349,10 @@ def generate(out: str | Path, seed: int = 0, size: tuple[int, int] | None = None
     """Generate SynthStreets under ``out``: Cityscapes-layout train/val, a COCO-layout outlier set and
     three Fishyscapes-layout anomaly sets, plus ``synthstreets.json`` (written last).
 
+    Everything is written into the sibling folder ``out.partial`` first and moved to ``out`` when
+    finished, so an interrupted run never leaves a half-written ``out`` (the next run clears the
+    partial folder). ``synthstreets.json`` is the mark of a finished generation.
+
     ``size`` is (H, W) of the street pictures (default 192x384); ``scale`` multiplies every set's
     picture count; ``workers`` processes render in parallel (default: up to 2), with identical output.
     """
@@ -268,9 +361,14 @@ def generate(out: str | Path, seed: int = 0, size: tuple[int, int] | None = None
     if workers < 1:
         raise RPLInputError(f"SynthStreets workers={workers}; expected at least 1 process.")
     out = Path(out)
-    _prepare(out)
+    _finish_interrupted_move(out)
+    _check_target(out)
+    staging = staging_folder(out)
+    _clear_staging(staging)
+    staging.mkdir(parents=True)
+    (staging / STAGING_MARK).write_text(f"SynthStreets generation in progress into {out}; safe to delete\n")
     counts = image_counts(scale)
-    jobs = _jobs(out, seed, size, counts)
+    jobs = _jobs(staging, seed, size, counts)
     start = time.perf_counter()
     images, annotations, excluded = [], [], {"person": [], "car": [], "small": [], "empty": []}
     columns = (TextColumn("{task.description:<24}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
@@ -296,9 +394,10 @@ def generate(out: str | Path, seed: int = 0, size: tuple[int, int] | None = None
         gc.unfreeze()
         if pool is not None:
             pool.terminate()
-    _write_coco_json(out / "coco", images, annotations)
+    _write_coco_json(staging / "coco", images, annotations)
     manifest = _manifest(seed, size, scale, counts, excluded)
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+    (staging / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
+    _move_into_place(staging, out)
     seconds = time.perf_counter() - start
     Console().print(f"SynthStreets (seed {seed}, {size[0]}x{size[1]}): {len(jobs)} pictures in {seconds:.1f} s "
                     f"-> {out}")
