@@ -391,3 +391,14 @@ def from_checkpoint(path: str | os.PathLike, *, weights: str | os.PathLike | Non
     model = get(meta["method"]).load(path, segmenter.to(device)).to(device).eval()
     model.segmenter_spec = spec
     return model
+
+
+def pretrained(device: str | torch.device = "cpu") -> Any:
+    """The shipped SynthStreets model (``weights/rpl_synthstreets.safetensors``), as :func:`from_checkpoint`."""
+    from rpl.models.loading import SHIPPED_WEIGHTS
+
+    path = SHIPPED_WEIGHTS / "rpl_synthstreets.safetensors"
+    if not path.is_file():
+        raise RPLInputError(f"the shipped checkpoint {path} is missing (an install without the weights/ folder?); "
+                            "reinstall from the repository, or use rpl.from_checkpoint(FILE).")
+    return from_checkpoint(path, device=device)
