@@ -209,6 +209,8 @@ def resolve_source(args: argparse.Namespace) -> Source:
         raise RPLInputError("--model-kwargs are the arguments of --model's factory; pass --model "
                             "package.module:factory as well (or leave both out to use the checkpoint's segmenter).")
     given = getattr(args, "checkpoint_path", None)
+    if given is None and args.checkpoint:  # called directly with parsed options: one --checkpoint FILE
+        given = args.checkpoint[-1] if isinstance(args.checkpoint, list) else args.checkpoint
     checkpoint = Path(given) if given else None
     if checkpoint is None and args.model is None:
         checkpoint = DEFAULT_CHECKPOINT
