@@ -462,7 +462,8 @@ def checkpoint_paths(args: argparse.Namespace) -> list[Path]:
             return []
         if not DEFAULT_CHECKPOINT.is_file():
             return []  # resolve_source says what is missing
-        return [DEFAULT_CHECKPOINT, *(p for p in DEFAULT_CHECKPOINTS[1:] if p.is_file())]
+        shipped_beside = (DEFAULT_CHECKPOINT.parent / p.name for p in DEFAULT_CHECKPOINTS[1:])
+        return [DEFAULT_CHECKPOINT, *(p for p in shipped_beside if p.is_file())]
     paths: list[Path] = []
     for item in args.checkpoint:
         path = Path(item)
@@ -481,6 +482,9 @@ def _run(args: argparse.Namespace) -> int:
     from rpl.evaluation import EvalOptions, check_methods, open_datasets, sanitize
 
     device = _device(args.device)
+    if args.model is None and args.model_kwargs is not None:
+        raise RPLInputError("--model-kwargs are the arguments of --model's factory; pass --model "
+                            "package.module:factory as well (or leave both out to use the checkpoint's segmenter).")
     paths = checkpoint_paths(args)
     if len(paths) > 1:
         return _run_many(args, paths, device)
