@@ -53,12 +53,27 @@ def _conv_bn_relu(cin: int, cout: int, kernel: int = 1, dilation: int = 1) -> nn
     )
 
 
+class PooledBatchNorm(nn.BatchNorm2d):
+    """BatchNorm of the pooled (1x1) branch that also trains on a batch of one image.
+
+    After global pooling each channel has one value per image, so batch statistics need two images.
+    With one, this layer normalises with its running statistics (as in eval) and leaves them
+    unchanged; with two or more it is a plain ``BatchNorm2d``. Same parameters and buffers as
+    ``BatchNorm2d``, so checkpoints load as before and eval-mode outputs are identical.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and x.shape[0] * x.shape[2] * x.shape[3] == 1:
+            return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps)
+        return super().forward(x)
+
+
 class ImagePooling(nn.Module):
-    """Global-context branch of ASPP: pool, 1x1 conv-BN-ReLU, broadcast back."""
+    """Global-context branch of ASPP: pool, 1x1 conv-BN-ReLU, broadcast back (batch-1 safe, see PooledBatchNorm)."""
 
     def __init__(self, cin: int, cout: int):
         super().__init__()
-        self.conv = _conv_bn_relu(cin, cout, 1)
+        self.conv = nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), PooledBatchNorm(cout), nn.ReLU(inplace=True))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.conv(F.adaptive_avg_pool2d(x, 1))

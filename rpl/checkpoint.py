@@ -45,8 +45,19 @@ def fingerprint(module: nn.Module) -> str:
 
 
 def strip_prefix(state: dict[str, torch.Tensor], prefix: str = "module.") -> dict[str, torch.Tensor]:
-    """Remove DDP/DataParallel ``module.`` prefixes wherever they occur in the key path."""
-    return {k.replace(prefix, "") if k.startswith(prefix) or f".{prefix}" in k else k: v for k, v in state.items()}
+    """Keys without a *leading* DDP/DataParallel ``module.`` (repeated for nested wrappers).
+
+    Only the start of a key is touched: ``encoder.submodule.weight`` keeps its name. Uses
+    ``torch.nn.modules.utils.consume_prefix_in_state_dict_if_present``; returns a new dict.
+    """
+    from collections import OrderedDict
+
+    from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
+
+    out = OrderedDict(state)
+    while any(k.startswith(prefix) for k in out):
+        consume_prefix_in_state_dict_if_present(out, prefix)
+    return dict(out)
 
 
 def _umask() -> int:
@@ -349,21 +360,35 @@ def load_addon(path: str | os.PathLike, model: Any, check_base: bool = True) -> 
 
 
 def load(path: str | os.PathLike, segmenter: nn.Module, check_base: bool = True, **wrap_kwargs: Any) -> Any:
-    """Wrap ``segmenter`` exactly as recorded in checkpoint ``path`` and load the add-on weights."""
+    """Wrap ``segmenter`` exactly as recorded in checkpoint ``path`` and load the add-on weights.
+
+    The model comes back in eval mode, ready for inference: the add-on's BatchNorm uses its stored
+    statistics (scores do not depend on the batch, a batch of one works) and nothing it sees changes
+    them. To train it further call ``model.train()`` (only the add-on switches; the frozen segmenter
+    always stays in eval mode) or continue a run with ``rpl-train --resume``.
+    """
     from rpl.wrapping import wrap
 
     meta = read_metadata(path, method="rpl")
     w = meta["wrap"]
     kwargs = dict(head=w["head"], feature=w.get("feature"), block=BlockConfig.from_dict(w.get("block")),
                   smoothing=tuple(w["smoothing"]) if w.get("smoothing") else None)
+    for key in ("adapter", "logits"):
+        if w.get(key) is not None:
+            kwargs[key] = w[key]
     kwargs.update(wrap_kwargs)
     model = wrap(segmenter, **kwargs)
-    got = (model.bare_addon.feature_channels, model.bare_addon.head_channels)
-    if got != (w["feature_channels"], w["head_channels"]):
-        raise RPLInputError(f"checkpoint {path} expects feature/head channels {w['feature_channels']}/"
-                            f"{w['head_channels']}, the given segmenter has {got[0]}/{got[1]}: it is for another model.")
-    load_addon(path, model, check_base=check_base)
-    return model
+    try:  # all-or-nothing, as wrap: a checkpoint that does not fit leaves the segmenter unwrapped
+        got = (model.bare_addon.feature_channels, model.bare_addon.head_channels)
+        if got != (w["feature_channels"], w["head_channels"]):
+            raise RPLInputError(f"checkpoint {path} expects feature/head channels {w['feature_channels']}/"
+                                f"{w['head_channels']}, the given segmenter has {got[0]}/{got[1]}: it is for another "
+                                "model.")
+        load_addon(path, model, check_base=check_base)
+    except BaseException:
+        model.unwrap()
+        raise
+    return model.eval()
 
 
 def from_checkpoint(path: str | os.PathLike, *, weights: str | os.PathLike | None = None,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import collections.abc
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -125,6 +126,13 @@ class Config:
     def method_options(self, name: str) -> Any:
         return self.options[name]
 
+    def __getattr__(self, name: str) -> Any:
+        """A method's options section by its name (``cfg.pebal``), like the fixed sections."""
+        options = self.__dict__.get("options") or {}
+        if not name.startswith("_") and name in options:
+            return options[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
     def data_path(self, name: str) -> Path:
         """A data path from the config: absolute, or relative to ``data.root``."""
         p = Path(getattr(self.data, name))
@@ -232,17 +240,27 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise RPLInputError(f"config file {path} is not valid YAML: {err}") from None
         if not isinstance(loaded, dict):
             raise RPLInputError(f"config file {path} must hold a mapping of sections, got {type(loaded).__name__}.")
-        for section in loaded:
+        for section, value in loaded.items():
             if section not in data:
                 raise RPLInputError(f"unknown config section {section!r} in {path}; known: {', '.join(data)}.")
+            if isinstance(data[section], dict) and not isinstance(value, dict):
+                raise RPLInputError(f"config file {path}: section {section!r} is {value!r}; expected a mapping of "
+                                    f"its keys ({', '.join(data[section])}).")
         _merge(data, loaded)
     for item in overrides:
         keys, value = parse_override(item)
         node = data
         for i, k in enumerate(keys[:-1]):
+            if k in node and not isinstance(node[k], dict):
+                raise RPLInputError(f"--set {item!r}: {'.'.join(keys[: i + 1])!r} holds {node[k]!r}, not a mapping "
+                                    "of keys (an earlier --set replaced it).")
             if not isinstance(node.get(k), dict):
                 raise RPLInputError(f"--set {item!r}: unknown config key {'.'.join(keys[: i + 1])!r}.")
             node = node[k]
+        if isinstance(node.get(keys[-1]), dict) and not isinstance(value, dict) and keys[-1] != "kwargs":
+            raise RPLInputError(f"--set {item!r}: {'.'.join(keys)!r} is a config section; set one of its keys "
+                                f"({', '.join(node[keys[-1]])}), e.g. --set {'.'.join(keys)}."
+                                f"{next(iter(node[keys[-1]]), 'key')}=VALUE.")
         if keys[-1] not in node and not (len(keys) > 2 and keys[-2] == "kwargs"):
             raise RPLInputError(f"--set {item!r}: unknown config key {'.'.join(keys)!r}.")
         node[keys[-1]] = value
@@ -255,8 +273,68 @@ def build_config(data: dict[str, Any]) -> Config:
     sections = {k: v for k, v in data.items() if k not in option_classes}
     cfg = _build(Config, sections)
     cfg.options = {name: _build(cls, data.get(name, {}), name) for name, cls in option_classes.items()}
-    return cfg
+    return check_ranges(cfg)
 
 
 def dump_config(config: Config) -> str:
     return yaml.safe_dump(config.to_dict(), sort_keys=False)
+
+
+# -- value ranges ------------------------------------------------------------------------------------
+# Where a value is meaningless: "> 0", ">= 0", ">= 1", "[0, 1]", "[0, 1)". Lists are checked item by
+# item; None passes wherever the type allows it (it means "not set").
+RANGES = {
+    "segmenter.num_classes": ">= 1",
+    "wrap.width": ">= 1", "wrap.rates": ">= 1", "wrap.projection_dim": ">= 1",
+    "data.coco_min_size": ">= 1", "data.ood_val_fraction": "[0, 1)", "data.crop_size": ">= 1",
+    "data.flip_p": "[0, 1]", "data.paste_prob": "[0, 1]", "data.paste_scales": "> 0", "data.num_workers": ">= 0",
+    "loss.ce": ">= 0", "loss.entropy": ">= 0", "loss.outlier": ">= 0", "loss.contrastive": ">= 0",
+    "loss.temperature": "> 0", "loss.max_samples": ">= 1",
+    "optim.lr": "> 0", "optim.last_layer_lr_mult": "> 0", "optim.batch_size": ">= 1", "optim.epochs": ">= 1",
+    "optim.iterations": ">= 1", "optim.poly_power": ">= 0", "optim.grad_clip": "> 0",
+    "train.seed": ">= 0", "train.log_every": ">= 1", "train.checkpoint_every": ">= 1",
+    "train.val_every": ">= 0", "train.val_limit": ">= 1", "train.max_nonfinite": ">= 1",
+    "pebal.ood_reg": ">= 0", "pebal.energy_weight": ">= 0", "pebal.sparsity": ">= 0", "pebal.smoothness": ">= 0",
+}
+# Free numeric keys (no range rule): normalisation constants (any value is a valid affine map) and PEBAL's
+# energy margins (energies, of any sign).
+FREE_NUMERIC = ("segmenter.mean", "segmenter.std", "pebal.m_in", "pebal.m_out")
+CHOICES = {"loss.energy_loss": ("hinge", "pebal"), "train.wandb": ("disabled", "offline", "online"),
+           "train.amp": ("auto", "bf16", "fp16", "off"), "pebal.tune": ("all", "last_block")}
+NOTES = {"train.val_every": " (0 turns validation off)", "data.crop_size": " (H and W)"}
+
+
+def _in_range(value: float, rule: str) -> bool:
+    if rule.startswith("["):
+        low, high = (float(v) for v in rule.strip("[]()").split(","))
+        return low <= value and (value <= high if rule.endswith("]") else value < high)
+    op, bound = rule.split()
+    return value > float(bound) if op == ">" else value >= float(bound)
+
+
+def check_ranges(config: Config) -> Config:
+    """``config`` if every numeric key is in its meaningful range (``RANGES``), else a one-line error naming it."""
+    for key, rule in RANGES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        if value is None:
+            continue
+        items = value if isinstance(value, list) else [value]
+        bad = [v for v in items if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v)
+               or not _in_range(v, rule)]
+        if key == "data.crop_size" and len(items) != 2:
+            raise RPLInputError(f"config key {key!r} is {value!r}; expected two integers >= 1 (H and W).")
+        if bad:
+            what = f"holds {bad[0]!r}" if isinstance(value, list) else f"is {value!r}"
+            kind = "an integer" if isinstance(bad[0], int) and not isinstance(value, list) else "a number"
+            if isinstance(value, list):
+                expected = f"values {rule}" if not rule.startswith("[") else f"values in {rule}"
+            else:
+                expected = f"{kind} in {rule}" if rule.startswith("[") else f"{kind} {rule}"
+            raise RPLInputError(f"config key {key!r} {what}; expected {expected}{NOTES.get(key, '')}.")
+    for key, allowed in CHOICES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(config, section), name)
+        if value not in allowed:
+            raise RPLInputError(f"config key {key!r} is {value!r}; expected one of {', '.join(allowed)}.")
+    return config

@@ -33,6 +33,10 @@ component metrics need host copies by their nature. Per dataset:
   and the first row records whether both logits are bit-identical on the first batch.
 
 Images without any valid pixel (label all 255) are counted and reported, not an error.
+
+``EvalOptions(report=True)`` also keeps what ``rpl.report`` draws (``EvalReport.curves`` and
+``.galleries``): each method's pooled curve, and per image a few numbers from which the gallery's
+images are picked once a dataset is done; only those are then read and scored again.
 """
 from __future__ import annotations
 
@@ -54,6 +58,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 
 from rpl.conventions import IMAGENET_MEAN, IMAGENET_STD, VOID
 from rpl.errors import RPLInputError
+from rpl.memory import MemoryGuard
 from rpl.metrics import ComponentMetrics, MIoU, PixelMetrics
 from rpl.methods.mcdropout import DROPOUT_TYPES, dropout_copy  # noqa: F401  (re-exported)
 from rpl.progress import make_progress
@@ -139,6 +144,9 @@ class EvalOptions:
     progress: bool = True
     compile: str | None = None  # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune
     compile_backend: str = "inductor"
+    report: bool = False  # also collect what rpl.report draws: pooled curves and per-image gallery data
+    gallery_images: int = 4  # images per gallery section (with report=True)
+    memory_budget: float | None = None  # GB one forward may use (default: free memory; see rpl.memory)
 
     def check(self) -> None:
         if self.pixel_mode not in PIXEL_MODES:
@@ -149,11 +157,14 @@ class EvalOptions:
             raise RPLInputError("--fpr-rule closest cannot be combined with --pixel-mode smiyc: the SMIYC evaluator "
                                 "defines FPR@95 by the first threshold reaching TPR >= 0.95.")
         for name, value, low in (("--batch-size", self.batch_size, 1), ("--mc-samples", self.mc_samples, 1),
-                                 ("--num-workers", self.num_workers, 0), ("--vis-limit", self.vis_limit, 0)):
+                                 ("--num-workers", self.num_workers, 0), ("--vis-limit", self.vis_limit, 0),
+                                 ("--report-images", self.gallery_images, 0)):
             if int(value) < low:
                 raise RPLInputError(f"{name} must be >= {low}, got {value}.")
         if self.limit is not None and int(self.limit) < 1:
             raise RPLInputError(f"--limit must be >= 1, got {self.limit}.")
+        if self.memory_budget is not None and not self.memory_budget > 0:
+            raise RPLInputError(f"--memory-budget must be a positive number of GB, got {self.memory_budget}.")
         if not self.methods:
             from rpl.methods import available
 
@@ -207,6 +218,22 @@ class EvalReport:
     results: list[dict[str, Any]] = field(default_factory=list)
     datasets: dict[str, dict[str, Any]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # undefined metrics, empty images, ...
+    # with EvalOptions(report=True): curves[dataset][method] = PixelMetrics.curve(), and each
+    # dataset's rpl.report.Gallery (a list: reports of several models are concatenated)
+    curves: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    galleries: dict[str, list[Any]] = field(default_factory=dict)
+
+    def extend(self, other: "EvalReport") -> "EvalReport":
+        """Append another run's rows, curves and galleries (e.g. another model on the same datasets)."""
+        self.results += other.results
+        for name, info in other.datasets.items():
+            self.datasets.setdefault(name, info)
+        self.notes += other.notes
+        for name, curves in other.curves.items():
+            self.curves.setdefault(name, {}).update(curves)
+        for name, galleries in other.galleries.items():
+            self.galleries.setdefault(name, []).extend(galleries)
+        return self
 
     def defined(self) -> bool:
         """Whether any row holds a number (a report of only nulls means nothing could be measured)."""
@@ -293,6 +320,7 @@ class _Accumulators:
     bare_miou: MIoU | None = None  # wrapped models: the segmenter alone
     identical: bool | None = None
     vis_left: int = 0
+    gallery: Any = None  # rpl.report.GalleryCollector with EvalOptions(report=True)
 
     @classmethod
     def create(cls, entry: DatasetEntry, methods: Sequence[str], opts: EvalOptions,
@@ -326,6 +354,7 @@ class Evaluator:
         self.scorers = {m: get(m).scorer(self.model, self.options) for m in self.methods}
         self.on_visual = on_visual
         self.console = console
+        self.memory = MemoryGuard(self.model, self.device, self.options.memory_budget, self.wrapped)
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=_amp_dtype(self.device), enabled=self.options.amp)
@@ -355,6 +384,10 @@ class Evaluator:
                             generator=torch.Generator().manual_seed(opts.seed))  # leaves the global RNG alone
         acc = _Accumulators.create(entry, () if entry.class_labels else self.methods, opts, self.device)
         acc.vis_left = opts.vis_limit if self.on_visual is not None else 0
+        if opts.report and opts.gallery_images > 0 and not entry.class_labels:
+            from rpl.report import GalleryCollector
+
+            acc.gallery = GalleryCollector(self.methods, opts.gallery_images)
         if "mcdropout" in acc.pixel:
             torch.manual_seed(opts.seed)  # reproducible dropout masks, whatever ran before
         start = time.perf_counter()
@@ -383,7 +416,35 @@ class Evaluator:
         else:
             rows = self._anomaly_rows(entry.name, acc.pixel, acc.components, n_images, n_empty, n_valid, n_anomaly,
                                       notes)
+            if opts.report and 0 < n_anomaly < n_valid:
+                info["curves"] = {m: metric.curve() for m, metric in acc.pixel.items()}
+                if acc.gallery is not None:
+                    info["gallery"] = self._gallery(entry.name, dataset, acc.gallery, rows)
         return rows, info, notes
+
+    def _gallery(self, name: str, dataset: Dataset, collector: Any, rows: list[dict[str, Any]]) -> Any:
+        """The images the report's gallery shows, read and scored again (only those, see rpl.report)."""
+        from rpl.report import Gallery, fp_threshold, make_preview
+
+        thresholds = {r["method"]: fp_threshold(r) for r in rows}
+        picked = collector.select(thresholds)
+        previews: dict[int, Any] = {}
+        if "mcdropout" in self.methods:
+            torch.manual_seed(self.options.seed)
+        with torch.inference_mode():
+            for record in sorted({r.position: r for rs in picked.values() for r in rs}.values(),
+                                 key=lambda r: r.position):
+                item = dataset[record.position]
+                images = torch.from_numpy(item["image"][None]).to(self.device)
+                label = item["label"]
+                x = self.preprocess(images)
+                with self._autocast():  # eager: a compiled forward would recompile for batches of one
+                    out = self.model(x)
+                logits, out = (out.logits, out) if self.wrapped else (extract_logits(out), None)
+                scores = {m: resize_scores(s, label.shape[-2:])[0] for m, s in self.scores(x, logits, out).items()}
+                previews[record.position] = make_preview(item["image"], label, scores, record, thresholds)
+        return Gallery(name, self.methods, thresholds,
+                       {section: [previews[r.position] for r in rs] for section, rs in picked.items()})
 
     def _update(self, entry: DatasetEntry, group: dict[str, Any], acc: "_Accumulators") -> None:
         """One forward for a group of same-size images, then every metric of the dataset."""
@@ -393,6 +454,7 @@ class Evaluator:
         images = group["image"].to(self.device, non_blocking=True)
         labels = group["label"].to(self.device, non_blocking=True)
         x = self.preprocess(images)
+        self.memory.check(x, entry.name, group["paths"][0])  # a clear error instead of an OOM minutes later
         logits, out = self._forward(x)
         valid = labels != IGNORE
         acc.n_images += labels.shape[0]
@@ -402,7 +464,7 @@ class Evaluator:
                 acc.miou = MIoU(num_classes=logits.shape[1])
             if self.wrapped:  # the same images through the bare segmenter: mIoU without the add-on
                 with self._autocast():
-                    bare = extract_logits(self.segmenter(x))
+                    bare = extract_logits(self.segmenter(x), self.model.logits_option)
                     if acc.bare_miou is None:  # first batch: the closed-set half of the (eager) wrapped forward
                         eager = logits if self.forward_model is self.model else self.model(x).logits
                         acc.identical = bool(torch.equal(bare, eager))
@@ -417,6 +479,9 @@ class Evaluator:
                 acc.components[m].update(s, labels)
         if acc.vis_left > 0:
             acc.vis_left -= self._visualise(entry.name, group, scores, acc.vis_left)
+        if acc.gallery is not None:
+            for i, name in enumerate(group["names"]):
+                acc.gallery.add(name, {m: s[i] for m, s in scores.items()}, labels[i])
 
     def _visualise(self, dataset: str, group: dict[str, Any], scores: dict[str, torch.Tensor], budget: int) -> int:
         n = min(budget, len(group["names"]))
@@ -486,6 +551,10 @@ class Evaluator:
                                                                                    len(entry.dataset))
                 task = progress.add_task(entry.name, total=total)
                 rows, info, notes = self.evaluate_dataset(entry, progress, task)
+                if "curves" in info:
+                    report.curves[entry.name] = info.pop("curves")
+                if "gallery" in info:
+                    report.galleries[entry.name] = [info.pop("gallery")]
                 report.results += rows
                 report.datasets[entry.name] = info
                 report.notes += notes

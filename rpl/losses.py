@@ -12,6 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from rpl.conventions import OUTLIER, VOID
+from rpl.errors import RPLInputError
+
+ENERGY_LOSSES = ("hinge", "pebal")
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -65,7 +68,8 @@ def corocl_loss(emb_city: torch.Tensor, target_city: torch.Tensor, emb_ctx: torc
                 generator: torch.Generator | None = None) -> torch.Tensor:
     """Context-robust contrastive loss (InfoNCE with binary labels shared by two contexts).
 
-    ``emb_*``: L2-normalised embeddings ``(B, D, h, w)`` at the head resolution; ``target_*``: labels
+    ``emb_*``: embeddings ``(B, D, h, w)`` at the head resolution, L2-normalised over ``D`` here (the
+    similarities of InfoNCE are cosines; unnormalised inputs would overflow ``exp``); ``target_*``: labels
     at any resolution (nearest-downsampled here). Pools over the whole batch: city-outlier (254),
     city-inlier (not 254/255), context-outlier (254), context-background (0). ``n = min(max_samples,
     pool sizes)`` from each; anchors are the 2n city samples, the contrast set adds the 2n context ones.
@@ -74,8 +78,8 @@ def corocl_loss(emb_city: torch.Tensor, target_city: torch.Tensor, emb_ctx: torc
     size = emb_city.shape[-2:]
     t_city = F.interpolate(target_city[:, None].float(), size=size, mode="nearest")[:, 0].long()
     t_ctx = F.interpolate(target_ctx[:, None].float(), size=emb_ctx.shape[-2:], mode="nearest")[:, 0].long()
-    flat_city = emb_city.float().permute(0, 2, 3, 1).reshape(-1, emb_city.shape[1])
-    flat_ctx = emb_ctx.float().permute(0, 2, 3, 1).reshape(-1, emb_ctx.shape[1])
+    flat_city = F.normalize(emb_city.float().permute(0, 2, 3, 1).reshape(-1, emb_city.shape[1]), dim=1)
+    flat_ctx = F.normalize(emb_ctx.float().permute(0, 2, 3, 1).reshape(-1, emb_ctx.shape[1]), dim=1)
     t_city, t_ctx = t_city.reshape(-1), t_ctx.reshape(-1)
     pools = [
         flat_city[t_city == OUTLIER],
@@ -127,6 +131,16 @@ class LossWeights:
     temperature: float = 0.10
     max_samples: int = 512
 
+    def __post_init__(self) -> None:
+        check_energy_loss(self.energy_loss)
+
+
+def check_energy_loss(name: str) -> str:
+    if name not in ENERGY_LOSSES:
+        raise RPLInputError(f"loss.energy_loss is {name!r}; expected one of {', '.join(map(repr, ENERGY_LOSSES))} "
+                            "('hinge': RPL's relu(lse) on outliers, 'pebal': PEBAL's squared hinges).")
+    return name
+
 
 def rpl_loss(z: torch.Tensor, z0: torch.Tensor, target: torch.Tensor, emb_city: torch.Tensor | None = None,
              emb_ctx: torch.Tensor | None = None, target_ctx: torch.Tensor | None = None,
@@ -135,7 +149,8 @@ def rpl_loss(z: torch.Tensor, z0: torch.Tensor, target: torch.Tensor, emb_city: 
     """Weighted total loss and its detached parts (for logging)."""
     w = weights or LossWeights()
     ce, ent = inlier_losses(z, z0, target)
-    out = outlier_energy_loss(z, target) if w.energy_loss == "hinge" else pebal_energy_loss(z, target)
+    kind = check_energy_loss(w.energy_loss)  # the dataclass may have been edited after construction
+    out = outlier_energy_loss(z, target) if kind == "hinge" else pebal_energy_loss(z, target)
     total = w.ce * ce + w.entropy * ent + w.outlier * out
     parts = {"ce": ce.detach(), "entropy": ent.detach(), "outlier": out.detach()}
     if w.contrastive and emb_city is not None and emb_ctx is not None and target_ctx is not None:

@@ -33,6 +33,8 @@ from rpl.conventions import OUTLIER, VOID
 from rpl.errors import RPLInputError
 from rpl.methods.base import Method, TrainContext
 from rpl.models.loading import SHIPPED_WEIGHTS, SegmenterSpec, build_segmenter
+from rpl.workdir import (RUN_FILES, changes_comment, check_resume_config, check_work_dir,  # noqa: F401 (RUN_FILES)
+                         new_run_id, safetensors_step)
 
 
 class TrainingDiverged(RPLInputError):
@@ -222,33 +224,6 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
 
 
 LOSS_LINE_KEYS = ("total", "ce", "entropy", "outlier", "contrastive", "gambler_in", "gambler_out", "energy")
-RUN_FILES = ("config.yaml", "log.jsonl", "last.pt", "last.safetensors", "best.safetensors", "summary.json",
-             "eval.json")
-
-
-def check_work_dir(work_dir: Path, resume: bool, overwrite: bool, main: bool = True) -> None:
-    """Never replace an earlier run by accident: a work dir holding one needs --resume or --overwrite.
-
-    With ``overwrite`` the earlier run's files are deleted (on the main process) before anything new
-    is written, so its log is not appended to and no stale ``best.safetensors`` survives.
-    """
-    if resume and overwrite:
-        raise RPLInputError("--resume and --overwrite exclude each other: --resume continues the run in --work-dir, "
-                            "--overwrite deletes it and starts again.")
-    present = [name for name in RUN_FILES if (work_dir / name).exists()]
-    if resume or not present:
-        return
-    if overwrite:
-        if main:
-            for name in present:
-                (work_dir / name).unlink()
-        return
-    state = "a finished run" if (work_dir / "summary.json").is_file() else "an unfinished run"
-    raise RPLInputError(f"--work-dir {work_dir} already holds {state} ({', '.join(present)}); nothing was changed. "
-                        "Use --resume to continue it (a finished one is only evaluated again, with --evaluate), "
-                        "--work-dir DIR to start a new run elsewhere, or --overwrite to delete it and start again.")
-
-
 class TrainingData:
     """The training set with its resumable sharded order, and the held-out validation set."""
 
@@ -273,8 +248,13 @@ class TrainingData:
 
 
 def build_trainer(cfg: Config, work_dir: str | Path, resume: bool = False, quiet: bool = False,
-                  overwrite: bool = False) -> "Trainer":
-    """Everything ``rpl-train`` needs from a config: process group, method and model, optimiser, data."""
+                  overwrite: bool = False, run_id: str | None = None,
+                  allow_changes: tuple[str, ...] = ()) -> "Trainer":
+    """Everything ``rpl-train`` needs from a config: process group, method and model, optimiser, data.
+
+    ``run_id`` is the work-dir lock's id (on every log row); ``allow_changes`` the config keys a resumed
+    run may change (``--allow-changes``).
+    """
     check_work_dir(Path(work_dir), resume, overwrite, main=int(os.environ.get("RANK", "0")) == 0)
     device = resolve_device(cfg.train.device)
     if device.type == "cuda":
@@ -286,9 +266,9 @@ def build_trainer(cfg: Config, work_dir: str | Path, resume: bool = False, quiet
     data = TrainingData(train_set, val_set, cfg, d, device)
     optimizer = torch.optim.Adam(method.parameter_groups(model, cfg.optim), lr=cfg.optim.lr)
     trainer = Trainer(method, model, optimizer, data, cfg, work_dir, d=d, device=device, spec=spec,
-                      base_fingerprint=base_fingerprint, quiet=quiet)
+                      base_fingerprint=base_fingerprint, quiet=quiet, run_id=run_id)
     if resume:
-        trainer.resume()
+        trainer.resume(allow_changes)
     elif d.main:
         (trainer.work_dir / "config.yaml").write_text(dump_config(cfg))
     trainer.start_logging()
@@ -304,8 +284,10 @@ class Trainer:
     def __init__(self, method: Method, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  data: TrainingData | None, cfg: Config, work_dir: str | Path | None, *, d: "Dist | None" = None,
                  device: torch.device | None = None, spec: SegmenterSpec | None = None,
-                 base_fingerprint: str | None = None, quiet: bool = False, total_steps: int | None = None):
+                 base_fingerprint: str | None = None, quiet: bool = False, total_steps: int | None = None,
+                 run_id: str | None = None):
         self.method, self.model, self.optimizer, self.data, self.cfg = method, model, optimizer, data, cfg
+        self.run_id, self.resume_changes = run_id or new_run_id(), []
         self.work_dir, self.quiet = (Path(work_dir) if work_dir is not None else None), quiet
         self.d = d or Dist()
         self.device = device or torch.device("cpu")
@@ -362,7 +344,7 @@ class Trainer:
                 base_method = read_metadata(wpath)["method"]
         spec["weights"] = self._recorded_weights()
         extra = {"segmenter": spec, "train_config": self.cfg.to_dict(), "step": self.progress.step,
-                 "metrics": metrics or {}}
+                 "metrics": metrics or {}, "run_id": self.run_id, "resume_changes": self.resume_changes}
         if base_method:
             extra["base_method"] = base_method
         return extra
@@ -384,11 +366,13 @@ class Trainer:
             "rng": {"torch": torch.get_rng_state(), "loss": self.loss_generator.get_state()},
             "base_fingerprint": self.base_fingerprint,
             "config": json.dumps(self.cfg.to_dict()),
+            "metrics": json.dumps(metrics or {}),
+            "resume_changes": json.dumps(self.resume_changes),
         }
         atomic_torch_save(state, self.work_dir / "last.pt")
         self._save_model(self.work_dir / "last.safetensors", metrics)
 
-    def resume(self) -> None:
+    def resume(self, allow_changes: tuple[str, ...] = ()) -> None:
         path = self.work_dir / "last.pt"
         if not path.is_file():
             raise RPLInputError(f"--resume: {path} does not exist; expected the last.pt written by an earlier rpl-train "
@@ -404,6 +388,10 @@ class Trainer:
         if state.get("base_fingerprint") != self.base_fingerprint:
             raise RPLInputError(f"--resume: {path} was trained on another segmenter (fingerprint differs); use the "
                                 "same segmenter weights or another --work-dir.")
+        changes = check_resume_config(json.loads(state["config"]), self.cfg.to_dict(), allow_changes, str(path))
+        record = {"step": state["progress"]["step"], "changes": {k: list(v) for k, v in changes.items()}}
+        self.resume_changes = json.loads(state.get("resume_changes", "[]")) + ([record] if changes else [])
+        configured = [g["initial_lr"] for g in self.optimizer.param_groups]  # this config's rates
         self.method.load_training_state(self.method.unwrap(self.model), state["model"] if "model" in state
                                         else state["addon"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -411,8 +399,18 @@ class Trainer:
         if self.scaler and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.progress = Progress(**state["progress"])
+        if changes:  # the loaded optimiser/scheduler hold the old rates: continue on the new schedule
+            sched = self.scheduler
+            sched.base_lrs = configured
+            for group, base, factor in zip(self.optimizer.param_groups, configured, sched.lr_lambdas):
+                group["initial_lr"], group["lr"] = base, base * factor(sched.last_epoch)
         torch.set_rng_state(state["rng"]["torch"])
         self.loss_generator.set_state(state["rng"]["loss"])
+        if self.d.main:
+            history = "".join(changes_comment(r["changes"], r["step"]) for r in self.resume_changes)
+            (self.work_dir / "config.yaml").write_text(dump_config(self.cfg) + history)
+            if changes or safetensors_step(self.work_dir / "last.safetensors") != self.progress.step:
+                self.save_checkpoint(json.loads(state.get("metrics", "{}")))  # the pair agrees again
         if self.d.main and not self.quiet and not self.finished:
             print(f"Resumed from {path} at step {self.progress.step}.")
 
@@ -446,6 +444,18 @@ class Trainer:
             dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         return bool(flag.item())
 
+    def _describe_batch(self, batch: dict[str, torch.Tensor]) -> str:
+        """Method, dataset and images of a batch, for messages about it."""
+        method = self.method.name
+        where = f"method {method}, dataset {self.cfg.data_path('inliers')} split {self.cfg.data.train_split}"
+        index = batch.get("index")
+        if index is None:
+            return where
+        pairs = getattr(self.data.train_set, "inlier_pairs", None) if self.data is not None else None
+        names = [str(pairs[i][0]) if pairs is not None else str(i) for i in index.tolist()]
+        shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+        return f"{where}, images {shown} (with pasted outliers)"
+
     def step(self, batch: dict[str, torch.Tensor]) -> dict[str, float] | None:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
@@ -457,8 +467,9 @@ class Trainer:
             if self.progress.nonfinite_streak >= self.cfg.train.max_nonfinite:
                 raise TrainingDiverged(
                     f"the loss was NaN/inf for {self.progress.nonfinite_streak} consecutive steps (step "
-                    f"{self.progress.step}); training stopped. Lower optim.lr, set optim.grad_clip (e.g. 1.0), use "
-                    "train.amp=bf16 or off instead of fp16, or check the data for corrupt labels.")
+                    f"{self.progress.step}, {self._describe_batch(batch)}); training stopped. Lower optim.lr, set "
+                    "optim.grad_clip (e.g. 1.0), use train.amp=bf16 or off instead of fp16, or check those images "
+                    "and labels.")
             return None
         self.progress.nonfinite_streak = 0
         clip = self.cfg.optim.grad_clip
@@ -487,7 +498,8 @@ class Trainer:
     # validation ----------------------------------------------------------------------------
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
-        """Pixel AP/AUROC/FPR95 of the method's score on held-out inliers with pasted held-out outliers."""
+        """Pixel AP/AUROC/FPR95 (and the FPR@95 / best-F1 thresholds) of the anomaly score on held-out inliers
+        with pasted held-out outliers."""
         from rpl.metrics import PixelMetrics
 
         metric = PixelMetrics(mode="streaming")
@@ -510,14 +522,16 @@ class Trainer:
                 if task is not None:
                     bar.remove_task(task)
                 model.train()
-        return {k: float(v) for k, v in metric.compute().items() if k in ("auroc", "ap", "fpr95")}
+        # the thresholds go into the checkpoint, so that rpl-predict can threshold masks without labels
+        kept = ("auroc", "ap", "fpr95", "fpr95_threshold", "best_f1", "best_f1_threshold")
+        return {k: float(v) for k, v in metric.compute().items() if k in kept}
 
     # loop ------------------------------------------------------------------------------------
     def _log(self, record: dict[str, Any]) -> None:
         if not self.d.main:
             return
         with open(self.work_dir / "log.jsonl", "a") as fh:
-            fh.write(json.dumps(record) + "\n")
+            fh.write(json.dumps({"run_id": self.run_id, **record}) + "\n")
         if self._wandb is not None:
             self._wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"])
 

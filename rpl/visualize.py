@@ -18,6 +18,13 @@ import numpy as np
 
 IGNORE = 255
 CONTOUR_RGB = (0, 255, 0)
+# Cityscapes' 19 train-id colours (road, sidewalk, building, wall, fence, pole, traffic light, traffic sign,
+# vegetation, terrain, sky, person, rider, car, truck, bus, train, motorcycle, bicycle), from its label table
+CITYSCAPES_PALETTE = (
+    (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153), (153, 153, 153),
+    (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152), (70, 130, 180), (220, 20, 60),
+    (255, 0, 0), (0, 0, 142), (0, 0, 70), (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32),
+)
 
 
 def normalise(score: np.ndarray, roi: np.ndarray | None = None, low: float = 1.0, high: float = 99.0) -> np.ndarray:
@@ -40,16 +47,23 @@ def colour_map(unit: np.ndarray, colormap: int = cv2.COLORMAP_JET) -> np.ndarray
 
 
 def overlay(image: np.ndarray, score: np.ndarray, label: np.ndarray | None = None,
-            colormap: int = cv2.COLORMAP_JET, contour_rgb: tuple[int, int, int] = CONTOUR_RGB) -> np.ndarray:
+            colormap: int = cv2.COLORMAP_JET, contour_rgb: tuple[int, int, int] = CONTOUR_RGB,
+            scale: tuple[float, float] | None = None) -> np.ndarray:
     """``image / 2 + colour(score) / 2`` inside the ROI (label != 255), the anomaly outline drawn on top.
 
     ``image``: RGB uint8 (H, W, 3); ``score``: (H, W), higher = more anomalous; ``label``: uint8
-    (H, W) 0 / 1 / 255 or None (everything is the ROI, no outline).
+    (H, W) 0 / 1 / 255 or None (everything is the ROI, no outline). ``scale=(low, high)`` fixes the
+    colour range (to compare images on one scale) instead of the image's own percentiles.
     """
     if image.shape[:2] != score.shape:
         raise ValueError(f"overlay: image {image.shape[:2]} and score {score.shape} differ in size")
     roi = np.ones(score.shape, bool) if label is None else label != IGNORE
-    heat = colour_map(normalise(score, roi), colormap)
+    if scale is None:
+        unit = normalise(score, roi)
+    else:
+        low, high = scale
+        unit = np.clip((np.nan_to_num(np.asarray(score, np.float32), nan=low) - low) / max(high - low, 1e-12), 0, 1)
+    heat = colour_map(unit, colormap)
     blended = (image.astype(np.uint16) + heat.astype(np.uint16)) // 2
     out = np.where(roi[..., None], blended.astype(np.uint8), image).copy()
     if label is not None:
@@ -62,3 +76,16 @@ def overlay(image: np.ndarray, score: np.ndarray, label: np.ndarray | None = Non
 def file_stem(name: str) -> str:
     """A sample name (``city/frame``, may hold separators) as a safe file name."""
     return re.sub(r"[^A-Za-z0-9._-]+", "__", name).strip("_") or "sample"
+
+
+def palette_bytes(palette=CITYSCAPES_PALETTE) -> list[int]:
+    """A 256-entry flat RGB palette (class colours first, black after) for palette PNGs."""
+    flat = [c for rgb in palette for c in rgb]
+    return flat + [0] * (768 - len(flat))
+
+
+def colour_labels(labels: np.ndarray, palette=CITYSCAPES_PALETTE) -> np.ndarray:
+    """RGB uint8 picture of class ids (ids beyond the palette are black)."""
+    table = np.zeros((256, 3), np.uint8)
+    table[: len(palette)] = palette
+    return table[labels.astype(np.uint8)]

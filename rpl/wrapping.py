@@ -8,13 +8,19 @@ How it works, in one segmenter forward (the backbone runs once):
    (the segmenter's own upsampling, dict or HF outputs), so both get the same spatial treatment;
 4. the batch is split again: the first half is bit-for-bit the segmenter's own output.
 A probe at wrap time checks 4 on a dummy batch and refuses models for which it does not hold.
+Mask-classification models (Mask2Former) use another attachment, see :mod:`rpl.adapters`.
+
+A wrap is all-or-nothing: if anything fails, the segmenter is left exactly as it was given
+(``requires_grad``, train/eval mode of every module, hooks). ``model.unwrap()`` gives it back too.
 """
 from __future__ import annotations
 
+import ast
+import copy
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -25,6 +31,10 @@ from rpl.errors import RPLInputError
 from rpl.scores import energy, smooth
 
 _INDEXED = re.compile(r"^(?P<path>.*?)\[(?P<start>-?\d*)(?P<colon>:?)(?P<stop>-?\d*)\]$")
+_SELECTOR = re.compile(r"\[\s*(-?\d+|'[^']*'|\"[^\"]*\")\s*\]")
+LOGIT_KEYS = ("out", "logits", "seg_logits", "pred")  # dict keys (or attributes) that hold the logits
+DEFAULT_PROBE = (64, 64)
+LogitsOption = str | Callable[[Any], torch.Tensor] | None
 
 
 @dataclass
@@ -48,6 +58,7 @@ class RPLOutput:
         return self._anomaly
 
 
+# -- names: head chains and feature selectors ----------------------------------------------------
 def resolve_chain(model: nn.Module, name: str) -> list[nn.Module]:
     """Modules of a head block given as ``a.b``, ``a.b[i]`` or a slice ``a.b[i:]`` of an ``nn.Sequential``."""
     match = _INDEXED.match(name)
@@ -55,7 +66,7 @@ def resolve_chain(model: nn.Module, name: str) -> list[nn.Module]:
     try:
         module = model.get_submodule(path) if path else model
     except AttributeError:
-        raise RPLInputError(f"module {path!r} (from {name!r}) does not exist in {type(model).__name__}; "
+        raise RPLInputError(f"head module {path!r} (from {name!r}) does not exist in {type(model).__name__}; "
                             f"{_names_hint(model)}") from None
     if not match:
         return [module]
@@ -73,84 +84,225 @@ def resolve_chain(model: nn.Module, name: str) -> list[nn.Module]:
     return chain
 
 
+def parse_feature(name: str) -> tuple[str, list[int | str]]:
+    """``"encoder[-1]"`` -> ``("encoder", [-1])``; ``"backbone['out']"`` -> ``("backbone", ["out"])``.
+
+    Brackets in a feature name select from the module's *output* (a list, tuple or dict of maps);
+    submodules are named with dots (``stem.2``).
+    """
+    bracket = name.find("[")
+    path, rest = (name, "") if bracket < 0 else (name[:bracket], name[bracket:])
+    selectors: list[int | str] = []
+    pos = 0
+    for m in _SELECTOR.finditer(rest):
+        if m.start() != pos:
+            break
+        selectors.append(ast.literal_eval(m.group(1)))
+        pos = m.end()
+    if pos != len(rest) or not path.strip():
+        raise RPLInputError(f"feature {name!r} is not of the form module.path, module.path[-1] or "
+                            "module.path['key'] (brackets select an item of the module's output).")
+    return path, selectors
+
+
+def _describe(value: Any, depth: int = 0) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"tensor{list(value.shape)}"
+    if depth > 1:
+        return type(value).__name__
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{k!r}: {_describe(v, depth + 1)}" for k, v in value.items()) + "}"
+    if isinstance(value, (tuple, list)):
+        return f"{type(value).__name__}[" + ", ".join(_describe(v, depth + 1) for v in value[:6]) + "]"
+    return type(value).__name__
+
+
+def select_feature(output: Any, selectors: Sequence[int | str], name: str) -> torch.Tensor:
+    """The map ``name`` reads from a module's output: the explicit selectors, then the default rule.
+
+    Default rule, applied until a tensor is reached: a dict (or HF output) gives ``out`` or its only
+    entry; a list/tuple gives its last item (the deepest stage of a backbone).
+    """
+    value = output
+    for s in selectors:
+        try:
+            value = value[s]
+        except (KeyError, IndexError, TypeError):
+            raise RPLInputError(f"feature {name!r}: cannot take [{s!r}] from {_describe(value)} (the output of the "
+                                "feature module).") from None
+    for _ in range(4):
+        if isinstance(value, torch.Tensor):
+            return value
+        if isinstance(value, Mapping):
+            present = {k: v for k, v in value.items() if v is not None}
+            if "out" in present:
+                value = present["out"]
+            elif len(present) == 1:
+                value = next(iter(present.values()))
+            else:
+                break
+        elif isinstance(value, (tuple, list)) and value:
+            value = value[-1]
+        else:
+            break
+    raise RPLInputError(f"feature {name!r} gives {_describe(value)}; expected a 4-D map. Select one with brackets, "
+                        "e.g. feature='encoder[-1]' for a list output or feature=\"backbone['out']\" for a dict.")
+
+
 def _names_hint(model: nn.Module, limit: int = 25) -> str:
     names = [n for n, _ in model.named_children()]
     return f"its top-level modules are: {', '.join(names[:limit])}"
 
 
-def extract_logits(output: Any) -> torch.Tensor:
-    """The logits tensor in a segmenter's output: a tensor, ``{"out": ...}``, ``.logits`` or a tuple's first."""
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, Mapping) and "out" in output:
-        return output["out"]
-    if hasattr(output, "logits") and isinstance(output.logits, torch.Tensor):
-        return output.logits
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    raise RPLInputError(f"cannot find logits in the segmenter's output of type {type(output).__name__}; expected a "
-                        "tensor, a dict with 'out', an object with .logits, or a tuple whose first item is the logits.")
-
-
-def _split_raw(output: Any, batch: int) -> Any:
-    """The segmenter's output object with its logits cut back to the closed-set half."""
-    if isinstance(output, torch.Tensor):
-        return output[:batch]
-    if isinstance(output, Mapping) and "out" in output:
-        new = type(output)(output) if not isinstance(output, dict) or type(output) is not dict else dict(output)
-        new["out"] = output["out"][:batch]
-        return new
-    if hasattr(output, "logits"):
-        try:
-            output.logits = output.logits[:batch]
-        except AttributeError:
-            pass
-        return output
-    if isinstance(output, (tuple, list)):
-        return type(output)([output[0][:batch], *output[1:]])
-    return output
-
-
-def feature_tensor(output: Any, name: str) -> torch.Tensor:
-    """The feature map in a module's output: a tensor, ``{"out": ...}``, or the last of a list (deepest)."""
+# -- outputs ---------------------------------------------------------------------------------------
+def extract_logits(output: Any, logits: LogitsOption = None) -> torch.Tensor:
+    """The logits in a segmenter's output: a tensor, a dict/HF output under ``out``/``logits``/
+    ``seg_logits``/``pred``, a tuple's first item; or what ``logits`` (a key or a callable) says."""
+    if callable(logits):
+        value = logits(output)
+        if not isinstance(value, torch.Tensor):
+            raise RPLInputError(f"the logits= callable returned {type(value).__name__}, expected a tensor.")
+        return value
+    if isinstance(logits, str):
+        value = output.get(logits) if isinstance(output, Mapping) else getattr(output, logits, None)
+        if not isinstance(value, torch.Tensor):
+            raise RPLInputError(f"logits={logits!r}: the segmenter's output {_describe(output)} has no tensor "
+                                f"under {logits!r}.")
+        return value
     if isinstance(output, torch.Tensor):
         return output
     if isinstance(output, Mapping):
-        if "out" in output:
-            return output["out"]
-        if len(output) == 1:
-            return next(iter(output.values()))
-    if isinstance(output, (tuple, list)) and output and isinstance(output[-1], torch.Tensor):
-        return output[-1]
-    raise RPLInputError(f"feature module {name!r} returns {type(output).__name__}; expected a 4-D tensor, a dict "
-                        "with 'out', or a list of feature maps (the last one is read).")
+        for key in LOGIT_KEYS:
+            if isinstance(output.get(key), torch.Tensor):
+                return output[key]
+    for key in LOGIT_KEYS[1:]:
+        if not isinstance(output, Mapping) and isinstance(getattr(output, key, None), torch.Tensor):
+            return getattr(output, key)
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    hint = ""
+    if isinstance(output, Mapping) and ("pred_masks" in output or "masks_queries_logits" in output):
+        hint = (" It looks like a mask-classification output (masks + classes): such models need per-pixel "
+                "scores, see rpl.adapters (Mask2Former has the preset 'hf-mask2former').")
+    raise RPLInputError(f"cannot find logits in the segmenter's output {_describe(output)}; looked for a tensor, the "
+                        f"keys {', '.join(LOGIT_KEYS)}, a .logits attribute and a tuple's first item. Pass "
+                        f"logits='KEY' or logits=callable(output) -> tensor.{hint}")
+
+
+def _split_raw(output: Any, batch: int) -> Any:
+    """The segmenter's output object with every tensor of batch ``2 * batch`` cut to its closed-set half."""
+    if isinstance(output, torch.Tensor):
+        return output[:batch] if output.dim() and output.shape[0] == 2 * batch else output
+    if isinstance(output, Mapping):
+        items = {k: _split_raw(v, batch) for k, v in output.items()}
+        try:
+            return type(output)(**items) if hasattr(output, "to_tuple") else type(output)(items)
+        except TypeError:
+            return items
+    if isinstance(output, tuple) and hasattr(output, "_fields"):
+        return type(output)(*(_split_raw(v, batch) for v in output))
+    if isinstance(output, (tuple, list)):
+        return type(output)(_split_raw(v, batch) for v in output)
+    return output
+
+
+# -- the wrapped model -----------------------------------------------------------------------------
+class _Snapshot:
+    """What a wrap changes on the caller's segmenter, to put back on failure or ``unwrap()``."""
+
+    def __init__(self, segmenter: nn.Module):
+        self.requires_grad = [(p, p.requires_grad) for p in segmenter.parameters()]
+        self.training = [(m, m.training) for m in segmenter.modules()]
+
+    def restore(self) -> None:
+        for p, flag in self.requires_grad:
+            p.requires_grad_(flag)
+        for m, flag in self.training:
+            m.training = flag
+
+
+def wrapper_of(segmenter: nn.Module) -> "RPLSegmenter | None":
+    """The ``RPLSegmenter`` whose hooks sit on ``segmenter``, if any."""
+    for m in segmenter.modules():
+        for hooks in (m._forward_hooks, m._forward_pre_hooks):
+            for hook in hooks.values():
+                owner = getattr(hook, "__self__", None)
+                if isinstance(owner, RPLSegmenter):
+                    return owner
+    return None
 
 
 class RPLSegmenter(nn.Module):
     """A frozen segmenter plus the RPL add-on. Build it with :func:`wrap`."""
 
+    adapter = "dense"
+
     def __init__(self, segmenter: nn.Module, head: str, feature: str | None, addon: RPLAddon,
-                 smoothing: tuple[int, float] | None = (7, 1.0)):
+                 smoothing: tuple[int, float] | None = (7, 1.0), logits: LogitsOption = None,
+                 snapshot: _Snapshot | None = None):
         super().__init__()
         self.segmenter = segmenter
         self.addon = addon
         self.head_name, self.feature_name, self.smoothing = head, feature, smoothing
+        self.logits_option = logits
         self.return_embedding: bool | None = None  # None: embeddings exactly when the add-on trains
-        chain = resolve_chain(segmenter, head)
-        object.__setattr__(self, "_chain", chain)  # plain list: the modules already live in segmenter
+        self._feature_path, self._selectors = parse_feature(feature) if feature is not None else (None, [])
+        object.__setattr__(self, "_chain", self._resolve_head())  # plain list: the modules live in segmenter
+        object.__setattr__(self, "_snapshot", snapshot or _Snapshot(segmenter))
         self._state: dict[str, Any] = {}
         self._reentrant = False
         self._active = False  # hooks act only inside our forward: the bare segmenter still works alone
+        self._handles: list[Any] = []
         self._freeze()
-        chain[0].register_forward_pre_hook(self._head_pre_hook)
-        chain[-1].register_forward_hook(self._head_post_hook)
-        if feature is not None:
-            try:
-                fmod = segmenter.get_submodule(feature)
-            except AttributeError:
-                raise RPLInputError(f"feature module {feature!r} does not exist in {type(segmenter).__name__}; "
-                                    f"{_names_hint(segmenter)}") from None
-            fmod.register_forward_hook(self._feature_hook)
+        self._attach()
+
+    def _resolve_head(self) -> list[nn.Module]:
+        return resolve_chain(self.segmenter, self.head_name)
+
+    def _hooks(self) -> list[tuple[nn.Module, str, Callable]]:
+        hooks = [(self._chain[0], "pre", self._head_pre_hook), (self._chain[-1], "post", self._head_post_hook)]
+        if self._feature_path is not None:
+            hooks.append((self.segmenter.get_submodule(self._feature_path), "post", self._feature_hook))
+        return hooks
+
+    def _attach(self) -> None:
+        for module, kind, fn in self._hooks():
+            register = module.register_forward_pre_hook if kind == "pre" else module.register_forward_hook
+            self._handles.append(register(fn))
+
+    def _detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    def unwrap(self) -> nn.Module:
+        """Remove every hook and give the segmenter back as it was passed to :func:`wrap`."""
+        self._detach()
+        self._snapshot.restore()
+        segmenter = self.segmenter
+        self._chain.clear()
+        return segmenter
+
+    def segmenter_copy(self) -> nn.Module:
+        """A deep copy of the bare segmenter, without this wrapper's hooks (for MC dropout)."""
+        self._detach()
+        try:
+            return copy.deepcopy(self.segmenter)
+        finally:
+            self._attach()
+
+    def __deepcopy__(self, memo: dict) -> "RPLSegmenter":
+        """A copy with its own segmenter, add-on and hooks (hook handles are not copyable as they are)."""
+        self._detach()
+        try:
+            new = type(self).__new__(type(self))
+            memo[id(self)] = new
+            for key, value in self.__dict__.items():
+                new.__dict__[key] = [] if key == "_handles" else copy.deepcopy(value, memo)
+            new._attach()
+        finally:
+            self._attach()
+        return new
 
     # -- frozen guarantee ---------------------------------------------------------------------
     def _freeze(self) -> None:
@@ -176,17 +328,22 @@ class RPLSegmenter(nn.Module):
         """The parameters an optimiser should see: the add-on's only."""
         return self.addon.parameters()
 
+    def closed_set_logits(self, output: Any) -> torch.Tensor:
+        """The logits in an output of the *bare* segmenter, read as this wrapper reads them."""
+        return extract_logits(output, self.logits_option)
+
     # -- hooks --------------------------------------------------------------------------------
     def _feature_hook(self, module: nn.Module, args: Any, output: Any) -> None:
-        if self._active and not self._reentrant:
-            self._state["f"] = feature_tensor(output, self.feature_name or "")
+        if self._active and not self._reentrant and "f" not in self._state:
+            self._state["f"] = select_feature(output, self._selectors, self.feature_name or "")
 
     def _head_pre_hook(self, module: nn.Module, args: tuple) -> None:
         if self._reentrant or not self._active:
             return
         if len(args) != 1 or not isinstance(args[0], torch.Tensor):
-            raise RPLInputError(f"head block {self.head_name!r} is called with {len(args)} positional inputs; RPL "
-                                "needs a head whose only input is the feature map d.")
+            raise RPLInputError(f"head block {self.head_name!r} is called with {len(args)} input(s) {_describe(args)}; "
+                                "RPL needs a head "
+                                "whose only input is the feature map d.")
         d = args[0]
         f = self._state.get("f", d if self.feature_name is None else None)
         if f is None:
@@ -211,39 +368,52 @@ class RPLSegmenter(nn.Module):
         return torch.cat([output, x.to(output.dtype)], dim=0)
 
     # -- forward ------------------------------------------------------------------------------
-    def forward(self, images: torch.Tensor) -> RPLOutput:
-        if not torch.compiler.is_compiling():
-            if self.segmenter.training:
-                self.segmenter.eval()
+    def _run(self, images: torch.Tensor) -> Any:
+        if not self._handles:
+            raise RPLInputError("this wrapper was unwrapped; wrap the segmenter again with rpl.wrap.")
+        if not torch.compiler.is_compiling() and self.segmenter.training:
+            self.segmenter.eval()
         self._state = {}
         self._active = True
         try:
-            raw = self.segmenter(images)
+            return self.segmenter(images)
+        except BaseException:
+            self._state = {}
+            raise
         finally:
             self._active = False
+
+    def forward(self, images: torch.Tensor) -> RPLOutput:
+        raw = self._run(images)
         calls = self._state.get("head_calls", 0)
         if calls != 1:
-            raise RuntimeError(f"head block {self.head_name!r} ran {calls} times in one forward; RPL needs exactly "
-                               "one call per forward (multi-scale or shared heads are not supported).")
-        both = extract_logits(raw)
+            self._state = {}
+            raise RPLInputError(f"head block {self.head_name!r} ran {calls} times in one forward; RPL needs exactly "
+                                "one call per forward (multi-scale or shared heads are not supported).")
+        both = extract_logits(raw, self.logits_option)
         batch = images.shape[0]
-        if both.shape[0] != 2 * batch:
-            raise RuntimeError(f"the segmenter's output has batch {both.shape[0]}, expected {2 * batch}: something "
-                               f"after head {self.head_name!r} mixes the batch.")
         emb = self._state.pop("embedding", None)
         self._state = {}
+        if both.shape[0] != 2 * batch:
+            raise RPLInputError(f"the segmenter's output has batch {both.shape[0]}, expected {2 * batch}: something "
+                                f"after head {self.head_name!r} mixes the batch.")
         return RPLOutput(both[:batch].detach(), both[batch:], emb, _split_raw(raw, batch), self.smoothing)
 
     def wrap_arguments(self) -> dict[str, Any]:
         """What :func:`wrap` needs to rebuild this model (stored in checkpoints)."""
         addon = self.bare_addon
-        return {"head": self.head_name, "feature": self.feature_name,
+        args = {"head": self.head_name, "feature": self.feature_name,
                 "smoothing": list(self.smoothing) if self.smoothing else None,
                 "feature_channels": addon.feature_channels, "head_channels": addon.head_channels,
                 "stride": addon.stride, "block": addon.config.to_dict()}
+        if self.adapter != "dense":
+            args["adapter"] = self.adapter
+        if isinstance(self.logits_option, str):
+            args["logits"] = self.logits_option
+        return args
 
 
-# -- wrap: presets, probe, candidates ----------------------------------------------------------
+# -- wrap: presets, discovery, probe, candidates ---------------------------------------------------
 def _device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     for p in model.parameters():
         return p.device, (p.dtype if p.dtype.is_floating_point else torch.float32)
@@ -256,93 +426,242 @@ def _dummy(model: nn.Module, size: Sequence[int], channels: int) -> torch.Tensor
     return torch.randn(2, channels, *size, generator=g).to(device=device, dtype=dtype)
 
 
-def _candidates(model: nn.Module, x: torch.Tensor) -> str:
-    """Module names that could serve as head (output has the logit channels) or feature (deep 4-D maps)."""
-    shapes: dict[str, tuple[int, ...]] = {}
+def _maps(name: str, output: Any) -> list[tuple[str, tuple[int, ...]]]:
+    """The 4-D maps in a module's output with the feature selector that reads each."""
+    found: list[tuple[str, tuple[int, ...]]] = []
+
+    def visit(value: Any, sel: str, depth: int) -> None:
+        if isinstance(value, torch.Tensor):
+            if value.dim() == 4:
+                found.append((name + sel, tuple(value.shape)))
+        elif depth < 2 and isinstance(value, Mapping):
+            for k, v in value.items():
+                visit(v, f"{sel}[{k!r}]", depth + 1)
+        elif depth < 2 and isinstance(value, (tuple, list)):
+            for i, v in enumerate(value):
+                visit(v, f"{sel}[{i - len(value)}]", depth + 1)
+
+    visit(output, "", 0)
+    return found
+
+
+def candidates(model: nn.Module, x: torch.Tensor, logits: LogitsOption = None) -> str:
+    """Where the head and the feature could be: modules whose output has the logit channels, and the
+    maps of every module (list/dict outputs included, with their selector), grouped by stage, deepest
+    first. Best effort: the model is run once on ``x``; every hook is removed afterwards."""
+    records: list[tuple[str, tuple[int, ...]]] = []
     hooks = []
     for name, mod in model.named_modules():
         if name:
-            def hook(m, a, o, name=name):
-                if isinstance(o, torch.Tensor) and o.dim() == 4:
-                    shapes[name] = tuple(o.shape)
-            hooks.append(mod.register_forward_hook(hook))
+            hooks.append(mod.register_forward_hook(lambda m, a, o, name=name: records.extend(_maps(name, o))))
     try:
         with torch.no_grad():
-            out = model(x)
-        k = extract_logits(out).shape[1]
+            k = extract_logits(model(x), logits).shape[1]
     except Exception as err:  # the listing is best effort; the caller's error says what is wrong
-        return f"(could not run the model to list candidates: {err})"
+        return f"(could not run the model to list candidates: {type(err).__name__}: {str(err)[:200]})"
     finally:
         for h in hooks:
             h.remove()
-    heads = [n for n, s in shapes.items() if s[1] == k]
-    maps = [n for n in shapes if shapes[n][2] * shapes[n][3] > 1 and n not in heads]
-    feats = sorted(maps, key=lambda n: (shapes[n][2] * shapes[n][3], -shapes[n][1]))[:6]
-    fmt = lambda ns: ", ".join(f"{n} {list(shapes[n][1:])}" for n in ns) or "none found"
-    return f"head candidates (output has {k} channels): {fmt(heads[:8])}; feature candidates (deepest maps): {fmt(feats)}"
+    shapes = dict(records)
+    heads = [n for n, s in shapes.items() if s[1] == k and "[" not in n]
+    stages: dict[tuple[int, int], list[str]] = {}
+    for n, s in shapes.items():
+        if n not in heads and s[2] * s[3] > 1:
+            stages.setdefault((s[2], s[3]), []).append(n)
+    text = [f"head candidates (output has {k} channels): "
+            + (", ".join(f"{n} {list(shapes[n][1:])}" for n in heads[:8]) or "none found")]
+    groups = []
+    for (h, w) in sorted(stages, key=lambda hw: hw[0] * hw[1])[:3]:
+        names = sorted(stages[(h, w)], key=lambda n: (n.count(".") + n.count("["), ))[:5]
+        stride = max(1, round(x.shape[-2] / h))
+        groups.append(f"stride {stride} ({h}x{w}): " + ", ".join(f"{n} [{shapes[n][1]}]" for n in names))
+    text.append("feature candidates, deepest stage first: " + ("; ".join(groups) or "none found"))
+    preset = presets.detect(model)
+    if preset is not None:
+        text.append(f"preset {preset.name!r} picks head={preset.head!r}, feature={preset.feature!r}")
+    return ". ".join(text)
 
 
 def wrap(segmenter: nn.Module, head: str | None = None, feature: str | None = None, *,
-         block: BlockConfig | dict | None = None, probe_size: Sequence[int] = (64, 64), in_channels: int = 3,
+         preset: str | None = None, logits: LogitsOption = None, adapter: str | None = None,
+         block: BlockConfig | dict | None = None, probe_size: Sequence[int] | None = None, in_channels: int = 3,
          smoothing: tuple[int, float] | None = (7, 1.0), aspp: str | None = None) -> RPLSegmenter:
-    """Freeze ``segmenter`` and attach an RPL add-on.
+    """Freeze ``segmenter`` and attach an RPL add-on; returns the wrapped model in eval mode.
 
-    ``head`` names the frozen head block (``"classifier"``, ``"decode_head.classifier"`` or a slice
-    ``"classifier[1:]"``); ``feature`` the module whose output the block reads (default: the head's
-    input). Known families (torchvision DeepLabV3/FCN, ``rpl.models.DeepLabV3Plus``, HF SegFormer)
-    need neither. A probe on a dummy batch of ``probe_size`` checks that the closed-set output is
-    bit-identical to the bare segmenter's and refuses the model otherwise.
+    With no names, the family's preset (``rpl.presets.list_presets()``) says where to attach;
+    ``preset=`` picks one by name (e.g. ``"smp-decoder"``). Otherwise ``head`` names the frozen head
+    block (``"classifier"``, ``"decode_head.classifier"`` or a slice ``"classifier[1:]"``) and
+    ``feature`` the map the block reads (a module, with ``[i]``/``['key']`` to pick from a list or
+    dict output; default: the head's input). ``logits`` (a key or a callable) says where the logits
+    are when the output is not a tensor, ``out``/``logits``/``seg_logits``/``pred`` or a tuple.
+
+    A probe on a dummy batch of ``probe_size`` (default 64x64, retried once at 128x128 if the model
+    fails on it) checks that the closed-set output is bit-identical to the frozen segmenter's and
+    refuses the model otherwise. On any failure the segmenter is left exactly as it was.
     """
     if isinstance(segmenter, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
         segmenter = segmenter.module
+    if isinstance(segmenter, RPLSegmenter):
+        raise RPLInputError("this model is already wrapped (an RPLSegmenter); use it as it is, or wrap "
+                            "model.unwrap() to attach a new add-on.")
+    if wrapper_of(segmenter) is not None:
+        raise RPLInputError(f"{type(segmenter).__name__} already carries the hooks of an RPL wrapper; call unwrap() on "
+                            "that wrapper before wrapping the segmenter again.")
     config = block if isinstance(block, BlockConfig) else BlockConfig.from_dict(block)
-    segmenter.eval()
+    snapshot = _Snapshot(segmenter)
+    sizes = [tuple(probe_size)] if probe_size is not None else [DEFAULT_PROBE, (2 * DEFAULT_PROBE[0], 2 * DEFAULT_PROBE[1])]
+    model: RPLSegmenter | None = None
+    try:
+        for i, size in enumerate(sizes):
+            try:
+                model = _wrap(segmenter, head, feature, preset, logits, adapter, config, size, in_channels,
+                              smoothing, aspp, snapshot)
+                break
+            except _ModelFailed as failed:
+                snapshot.restore()
+                if i + 1 < len(sizes):
+                    continue
+                tried = " and ".join(f"{s[0]}x{s[1]}" for s in sizes[: i + 1])
+                raise RPLInputError(
+                    f"{type(segmenter).__name__} failed on the dummy probe batch (head {failed.head!r}, feature "
+                    f"{failed.feature!r}, probe size {tried}): {type(failed.error).__name__}: "
+                    f"{str(failed.error)[:400]}. If the model needs a particular input size or channel count, pass "
+                    "probe_size=(H, W) (e.g. its training crop) and in_channels=.") from failed.error
+    except RPLInputError:
+        snapshot.restore()
+        raise
+    except Exception as err:  # torch errors while attaching or probing: the model is the user's to check
+        snapshot.restore()
+        raise RPLInputError(f"wrapping {type(segmenter).__name__} (head {head!r}, feature {feature!r}, probe size "
+                            f"{sizes[-1]}) failed: {type(err).__name__}: {str(err)[:400]}") from err
+    assert model is not None
+    return model.eval()
+
+
+class _ModelFailed(Exception):
+    """The bare segmenter raised on the probe batch (maybe too small): retried or reported by wrap."""
+
+    def __init__(self, error: Exception, head: str | None, feature: str | None):
+        super().__init__(str(error))
+        self.error, self.head, self.feature = error, head, feature
+
+
+def _wrap(segmenter: nn.Module, head: str | None, feature: str | None, preset_name: str | None,
+          logits: LogitsOption, adapter: str | None, config: BlockConfig, probe_size: Sequence[int],
+          in_channels: int, smoothing: tuple[int, float] | None, aspp: str | None,
+          snapshot: _Snapshot) -> RPLSegmenter:
     x = _dummy(segmenter, probe_size, in_channels)
     bottleneck = None
-    if head is None:
-        preset = presets.detect(segmenter)
-        if preset is None:
-            reason = presets.unsupported_reason(segmenter) or f"{type(segmenter).__name__} is not a known family"
+    chosen = presets.get_preset(preset_name) if preset_name else None
+    if chosen is None and head is None:
+        chosen = presets.detect(segmenter)
+        if chosen is None:
+            segmenter.eval()
+            reason = presets.unsupported_reason(segmenter) or (
+                f"{type(segmenter).__name__} is not a known family (presets: {', '.join(presets.list_presets())})")
             raise RPLInputError(f"cannot wrap the model automatically: {reason}. Pass head= (the frozen block mapping "
-                                f"features to logits) and feature= (the deep map to read). {_candidates(segmenter, x)}")
-        head, feature = preset.head, (feature if feature is not None else preset.feature)
-        aspp, bottleneck = aspp or preset.aspp, preset.bottleneck
+                                f"features to logits) and feature= (the deep map to read). "
+                                f"{candidates(segmenter, x, logits)}")
+    if chosen is not None:
+        head = head or chosen.head
+        feature = feature if feature is not None else chosen.feature
+        aspp, bottleneck = aspp or chosen.aspp, chosen.bottleneck
+        adapter = adapter or chosen.adapter
+    elif adapter is None:
+        match = presets.detect(segmenter)
+        adapter = match.adapter if match is not None and match.head == head else "dense"
+    assert head is not None
+    if adapter == "mask-classification":
+        from rpl.adapters import probe_mask_classification
 
-    # discovery: shapes of f and d, and the bare output to compare against
+        return probe_mask_classification(segmenter, head, feature, config, x, smoothing, snapshot)
+    if adapter != "dense":
+        raise RPLInputError(f"adapter {adapter!r} is not known; expected 'dense' or 'mask-classification'.")
+
+    # discovery: shapes of f and d, and the bare output of the frozen model to compare against
     chain = resolve_chain(segmenter, head)
+    fmod, selectors = _feature_module(segmenter, feature, x, logits)
+    segmenter.eval()
+    for p in segmenter.parameters():
+        p.requires_grad_(False)  # the reference is the *frozen* model's output (some kernels depend on it)
     seen: dict[str, Any] = {"d": []}
-    hooks = [chain[0].register_forward_pre_hook(lambda m, a: seen["d"].append(a[0] if a else None))]
-    if feature is not None:
-        try:
-            fmod = segmenter.get_submodule(feature)
-        except AttributeError:
-            raise RPLInputError(f"feature module {feature!r} does not exist in {type(segmenter).__name__}; "
-                                f"{_candidates(segmenter, x)}") from None
-        def keep_feature(module: nn.Module, args: Any, output: Any) -> None:
-            seen.setdefault("f", feature_tensor(output, feature))
 
+    def keep_head_input(module: nn.Module, args: tuple) -> None:
+        seen["d"].append(args)
+        seen.setdefault("f_before_head", "f" in seen)
+
+    def keep_feature(module: nn.Module, args: Any, output: Any) -> None:
+        seen.setdefault("f", output)
+
+    hooks = [chain[0].register_forward_pre_hook(keep_head_input)]
+    if fmod is not None:
         hooks.append(fmod.register_forward_hook(keep_feature))
     try:
         with torch.no_grad():
-            reference = extract_logits(segmenter(x)).clone()
+            out = segmenter(x)
+    except Exception as err:
+        raise _ModelFailed(err, head, feature) from err
     finally:
         for h in hooks:
             h.remove()
-    if len(seen["d"]) != 1 or not isinstance(seen["d"][0], torch.Tensor) or seen["d"][0].dim() != 4:
-        raise RPLInputError(f"head block {head!r} ran {len(seen['d'])} times with a 4-D tensor input in one forward; "
-                            f"RPL needs exactly one. {_candidates(segmenter, x)}")
-    d = seen["d"][0]
-    f = seen.get("f", d)
-    if f.dim() != 4:
-        raise RPLInputError(f"feature {feature!r} is not a 4-D feature map (shape {tuple(f.shape)}).")
+    reference = extract_logits(out, logits).clone()
+    d = _check_head_input(seen["d"], head, segmenter, x, logits)
+    if fmod is None:
+        f = d
+    else:
+        if "f" not in seen or not seen["f_before_head"]:
+            raise RPLInputError(f"feature module {feature!r} had not run when head {head!r} was called; choose a "
+                                f"feature computed before the head. {candidates(segmenter, x, logits)}")
+        f = select_feature(seen["f"], selectors, feature or "")
+        if f.dim() != 4:
+            raise RPLInputError(f"feature {feature!r} is not a 4-D feature map (shape {tuple(f.shape)}). "
+                                f"{candidates(segmenter, x, logits)}")
     stride = max(1, round(x.shape[-2] / f.shape[-2]))
     addon = RPLAddon(f.shape[1], d.shape[1], stride, config).to(*_device_dtype(segmenter))
     if aspp is not None and config.init_from_aspp:
         addon.init_from_aspp(segmenter.get_submodule(aspp),
                              segmenter.get_submodule(bottleneck) if bottleneck else None)
-    model = RPLSegmenter(segmenter, head, feature, addon, smoothing)
-    _probe(model, x, reference)
+    model = RPLSegmenter(segmenter, head, feature, addon, smoothing, logits, snapshot)
+    try:
+        _probe(model, x, reference)
+    except BaseException as err:
+        model._detach()
+        if isinstance(err, Exception) and not isinstance(err, RPLInputError):
+            raise _ModelFailed(err, head, feature) from err  # a torch error in the wrapped forward
+        raise
     return model
+
+
+def _feature_module(segmenter: nn.Module, feature: str | None, x: torch.Tensor,
+                    logits: LogitsOption) -> tuple[nn.Module | None, list[int | str]]:
+    if feature is None:
+        return None, []
+    path, selectors = parse_feature(feature)
+    try:
+        return segmenter.get_submodule(path), selectors
+    except AttributeError:
+        raise RPLInputError(f"feature module {path!r} (from {feature!r}) does not exist in "
+                            f"{type(segmenter).__name__}; {candidates(segmenter, x, logits)}") from None
+
+
+def _check_head_input(calls: list[tuple], head: str, segmenter: nn.Module, x: torch.Tensor,
+                      logits: LogitsOption) -> torch.Tensor:
+    """The head's single 4-D input ``d``, or an error that says what the head got instead."""
+    if not calls:
+        raise RPLInputError(f"head block {head!r} did not run in the segmenter's forward; name the block that maps "
+                            f"features to logits. {candidates(segmenter, x, logits)}")
+    if len(calls) > 1:
+        raise RPLInputError(f"head block {head!r} ran {len(calls)} times in one forward; RPL needs exactly one call "
+                            f"(multi-scale or shared heads are not supported). {candidates(segmenter, x, logits)}")
+    args = calls[0]
+    if len(args) != 1 or not isinstance(args[0], torch.Tensor) or args[0].dim() != 4:
+        inner = [n for n, _ in segmenter.get_submodule(_INDEXED.sub(r"\g<path>", head)).named_children()][:6]
+        hint = f" Its submodules are: {', '.join(inner)}." if inner else ""
+        got = _describe(args[0]) if len(args) == 1 else f"{len(args)} positional inputs {_describe(args)}"
+        raise RPLInputError(f"head block {head!r} receives {got}; RPL needs a head block whose only input "
+                            f"is one 4-D feature map (B, C, h, w), so that it can be re-run on d + r. Name a block "
+                            f"inside it that takes a single map.{hint} {candidates(segmenter, x, logits)}")
+    return args[0]
 
 
 def _probe(model: RPLSegmenter, x: torch.Tensor, reference: torch.Tensor) -> None:

@@ -43,8 +43,11 @@ def test_round_trip_restores_outputs(tmp_path):
 def test_other_base_model_is_refused(tmp_path):
     path = rpl.save(tmp_path / "a.safetensors", _model(seed=0))
     other = randomize_bn(ToySegmenter(), 1)
+    hooks = [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in other.modules()]
     with pytest.raises(RPLInputError, match="different base model"):
         rpl.load(path, other)
+    assert [(len(m._forward_hooks), len(m._forward_pre_hooks)) for m in other.modules()] == hooks  # not left wrapped
+    assert all(p.requires_grad for p in other.parameters())
     rpl.load(path, other, check_base=False)  # explicit opt-out works
 
 
@@ -111,3 +114,54 @@ def test_inside_ddp(tmp_path):
         assert set(state) == set(whole.module.state_dict())
     finally:
         dist.destroy_process_group()
+
+
+def test_strip_prefix_only_touches_the_start_of_keys():
+    from rpl.checkpoint import strip_prefix
+
+    t = torch.zeros(1)
+    state = {"module.encoder.submodule.weight": t, "module.module.head.weight": t, "encoder.module.bias": t}
+    assert sorted(strip_prefix(state)) == ["encoder.module.bias", "encoder.submodule.weight", "head.weight"]
+    assert list(strip_prefix({"encoder.submodule.weight": t})) == ["encoder.submodule.weight"]
+
+
+def test_one_reader_for_weight_files(tmp_path):
+    from rpl.models.loading import read_raw_state_dict, read_state_dict
+    from rpl.models.reference import read_checkpoint
+
+    t = torch.arange(3.0)
+    torch.save({"model": {"module.encoder.submodule.weight": t}, "epoch": 3}, tmp_path / "w.pth")
+    assert list(read_raw_state_dict(tmp_path / "w.pth")) == ["module.encoder.submodule.weight"]
+    assert list(read_checkpoint(tmp_path / "w.pth")) == ["module.encoder.submodule.weight"]
+    assert list(read_state_dict(tmp_path / "w.pth")) == ["encoder.submodule.weight"]
+    torch.save({"epoch": 3}, tmp_path / "numbers.pth")
+    with pytest.raises(RPLInputError, match=r"numbers.pth: entries \['epoch'\] are not tensors"):
+        read_state_dict(tmp_path / "numbers.pth")
+    torch.save({"model": {}}, tmp_path / "empty.pth")
+    with pytest.raises(RPLInputError, match="empty.pth holds no state dict"):
+        read_checkpoint(tmp_path / "empty.pth")
+
+
+def test_load_returns_eval_mode_for_inference(tmp_path):
+    """rpl.load's model is ready for inference whatever mode it was saved in: BatchNorm statistics stay put,
+    a batch of one works, and scores do not depend on the rest of the batch."""
+    model = _model()
+    model.train()  # saved straight from training
+    path = rpl.save(tmp_path / "addon.safetensors", model)
+    fresh = randomize_bn(ToySegmenter(), 0)
+    fresh.load_state_dict(model.segmenter.state_dict())
+    fresh.train()  # a user's segmenter fresh from its factory may be in training mode
+    loaded = rpl.load(path, fresh)
+    assert not loaded.training and not loaded.addon.training and not loaded.segmenter.training
+    buffers = {k: v.clone() for k, v in loaded.addon.state_dict().items() if "running" in k or "num_batches" in k}
+    assert buffers
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        one = loaded(x[:1]).anomaly  # a batch of one (train-mode BatchNorm over a 1x1 pooled map would fail)
+        three = loaded(x).anomaly
+    assert torch.allclose(one[0], three[0], atol=1e-5)  # batch-independent scores
+    for k, v in loaded.addon.state_dict().items():
+        if k in buffers:
+            assert torch.equal(v, buffers[k]), k
+    loaded.train()  # how to train it further: only the add-on switches
+    assert loaded.addon.training and not loaded.segmenter.training

@@ -1,4 +1,4 @@
-"""The three console scripts are registered and print their help."""
+"""The console scripts are registered and print their help."""
 from __future__ import annotations
 
 import configparser
@@ -18,10 +18,10 @@ def _scripts() -> dict[str, str]:
 
 
 def test_all_commands_registered():
-    assert set(_scripts()) == {"rpl-train", "rpl-eval", "rpl-data"}
+    assert set(_scripts()) == {"rpl-train", "rpl-eval", "rpl-data", "rpl-predict", "rpl-export"}
 
 
-@pytest.mark.parametrize("name", ["rpl-train", "rpl-eval", "rpl-data"])
+@pytest.mark.parametrize("name", ["rpl-train", "rpl-eval", "rpl-data", "rpl-predict", "rpl-export"])
 def test_help(name, capsys):
     module, func = _scripts()[name].split(":")
     main = getattr(importlib.import_module(module), func)

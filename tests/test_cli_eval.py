@@ -260,6 +260,21 @@ def test_torchvision_model_from_pth_with_mcdropout(world, fcn_weights, tmp_path)
     auroc, ap, _ = sklearn_metrics(scores[:2], labels[:2], "energy")
     assert energy["auroc"] == pytest.approx(auroc, abs=1e-9) and energy["ap"] == pytest.approx(ap, abs=1e-9)
 
+    # MC dropout replayed by hand: seed 0, images in order, 2 passes of the dropout-only-train copy each
+    from rpl.evaluation import dropout_copy
+    from rpl.scores import entropy
+
+    clone = dropout_copy(model)
+    torch.manual_seed(0)
+    mc_scores = []
+    with torch.no_grad():
+        for image_path in sorted((world.data / "synthstreets-anomaly" / "images").iterdir())[:2]:
+            x = network_input(read_image(image_path))
+            mc_scores.append({"mcdropout": ((entropy(clone(x)["out"]) + entropy(clone(x)["out"])) / 2)[0].numpy()})
+    mc_auroc, mc_ap, _ = sklearn_metrics(mc_scores, labels[:2], "mcdropout")
+    assert mc["auroc"] == pytest.approx(mc_auroc, abs=1e-6) and mc["ap"] == pytest.approx(mc_ap, abs=1e-6)
+    assert mc["auroc"] != pytest.approx(auroc, abs=1e-3)  # not the energy numbers under another name
+
 
 def test_checkpoint_for_another_model_is_refused(world, fcn_weights, capsys):
     rc = run("--checkpoint", str(world.checkpoint), "--model", FCN, "--model-kwargs", json.dumps(FCN_KWARGS),

@@ -113,7 +113,8 @@ def test_exclusion_rules_and_union_masks(coco: dict, tmp_path: Path) -> None:
     assert manifest["images"] == [{"image": "poly.jpg", "mask": "poly.png"},
                                   {"image": "crowd.jpg", "mask": "crowd.png"}]
     assert manifest["counts"] == {"listed": 9, "excluded_category": 3, "too_small": 2, "no_annotations": 1,
-                                  "empty_mask": 0, "missing_file": 1, "kept": 2, "skipped_annotations": 1}
+                                  "empty_mask": 0, "missing_file": 1, "bad_image_size": 0, "kept": 2,
+                                  "skipped_annotations": 1}
     assert manifest["split"] == "train2017" and manifest["rules"]["min_size"] == MIN_SIZE
     assert sorted(p.name for p in out.iterdir()) == ["crowd.png", "manifest.json", "poly.png"]
     for stem, expected in coco["expected"].items():
@@ -256,3 +257,30 @@ def test_load_ood_manifest_errors(coco: dict, tmp_path: Path) -> None:
     (out / MANIFEST_NAME).write_text("[1, 2")
     with pytest.raises(RPLInputError, match="corrupt"):
         load_ood_manifest(out)
+
+
+def test_fields_of_the_wrong_type_are_skipped_and_counted(coco: dict, tmp_path: Path) -> None:
+    """Non-numeric polygon values, RLE size or counts skip their annotation; a non-numeric image size its image."""
+    ann_file = coco["root"] / "annotations" / "instances_train2017.json"
+    data = json.loads(ann_file.read_text())
+    data["annotations"] += [
+        {"image_id": 7, "category_id": 18, "segmentation": [[1, 1, "x", 3, 3, 3, 5, 1]]},
+        {"image_id": 7, "category_id": 18, "segmentation": [[1, 1, None, 3, 3, 3, 5, 1]]},
+        {"image_id": 8, "category_id": 18, "segmentation": {"size": ["twenty", W], "counts": [H * W]}},
+        {"image_id": 8, "category_id": 18, "segmentation": {"size": [H, W], "counts": ["many"]}},
+        {"image_id": 10, "category_id": 38, "segmentation": [rect_polygon(1, 1, 5, 5)]},
+        {"image_id": 11, "category_id": 38, "segmentation": [rect_polygon(1, 1, 5, 5)]},
+    ]
+    data["images"] += [{"id": 10, "file_name": "poly.jpg", "height": "tall", "width": W},
+                       {"id": 11, "file_name": "crowd.jpg", "height": H, "width": None}]
+    ann_file.write_text(json.dumps(data))
+    out = tmp_path / "cache"
+    with pytest.warns(UserWarning) as record:
+        prepare_coco_ood(coco["root"], out, min_size=MIN_SIZE)
+    messages = " ".join(str(w.message) for w in record)
+    assert "5 annotations" in messages and "non-numeric" in messages  # 1 degenerate + 4 of the wrong type
+    assert "2 image records" in messages and "not a positive whole number" in messages
+    manifest = json.loads((out / MANIFEST_NAME).read_text())
+    assert manifest["counts"]["skipped_annotations"] == 5 and manifest["counts"]["bad_image_size"] == 2
+    for stem, expected in coco["expected"].items():  # the good annotations still give the same masks
+        np.testing.assert_array_equal(read_label(out / f"{stem}.png"), np.where(expected, 254, 0).astype(np.uint8))

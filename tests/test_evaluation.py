@@ -102,10 +102,30 @@ def test_all_methods_come_from_one_forward_and_equal_sklearn(wrapped):
         assert row["auroc"] == pytest.approx(reference["auroc"], abs=1e-4)  # batched convs round differently
 
 
-def test_amp_forward_scores_in_float32(wrapped):
+def test_amp_forward_scores_in_float32(wrapped, monkeypatch):
     samples = [_sample(i) for i in range(2)]
     full = evaluate(wrapped, [_entry(samples)], options=EvalOptions(methods=("rpl", "msp"), progress=False))
+    seen = []
+    original = evaluation.resize_scores
+
+    def recording(scores, size):
+        out = original(scores, size)
+        seen.append((scores.dtype, out.dtype))
+        return out
+
+    forward = Evaluator._forward
+    logit_dtypes = []
+
+    def recording_forward(self, x):
+        logits, out = forward(self, x)
+        logit_dtypes.append(logits.dtype)
+        return logits, out
+
+    monkeypatch.setattr(evaluation, "resize_scores", recording)
+    monkeypatch.setattr(Evaluator, "_forward", recording_forward)
     amp = evaluate(wrapped, [_entry(samples)], options=EvalOptions(methods=("rpl", "msp"), amp=True, progress=False))
+    assert logit_dtypes and set(logit_dtypes) == {torch.bfloat16}  # the forward did run in bf16
+    assert len(seen) == 4 and all(dtype == torch.float32 for pair in seen for dtype in pair)  # scores in fp32
     for a, f in zip(amp.results, full.results):
         assert a["auroc"] == pytest.approx(f["auroc"], abs=0.05)  # bf16 logits, same ranking up to rounding
 
@@ -205,7 +225,7 @@ def test_closed_set_miou_equals_confusion_of_bare_segmenter(wrapped, monkeypatch
 
     # The bare row is measured on the bare segmenter's own logits, not copied from the wrapped ones.
     with monkeypatch.context() as m:
-        m.setattr(evaluation, "extract_logits", lambda out: torch.roll(out, 1, dims=1))  # only the bare path
+        m.setattr(evaluation, "extract_logits", lambda out, *rule: torch.roll(out, 1, dims=1))  # only the bare path
         row, bare_row = evaluate(wrapped, [_entry(samples, "classes", track=None, class_labels=True)],
                                  options=EvalOptions(methods=("energy",), progress=False)).results
     assert row["identical_to_segmenter"] is False and row["miou"] != bare_row["miou"]

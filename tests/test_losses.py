@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+import rpl
 from rpl import losses, scores
 
 
@@ -135,8 +136,48 @@ def test_corocl_caps_samples_at_max():
     emb_city, emb_ctx = _emb(1, 4, 8, 8, 1), _emb(1, 4, 8, 8, 2)
     t = torch.zeros(1, 8, 8, dtype=torch.long)
     t[:, :4] = 254
-    loss = losses.corocl_loss(emb_city, t, emb_ctx, t.clone(), max_samples=3)
-    assert torch.isfinite(loss)
+    seen = {}
+
+    def recording(anchors, anchor_labels, contrast, contrast_labels, temperature):
+        seen.update(anchors=anchors.shape[0], contrast=contrast.shape[0])
+        return original(anchors, anchor_labels, contrast, contrast_labels, temperature)
+
+    original = losses.info_nce
+    losses.info_nce = recording
+    try:
+        loss = losses.corocl_loss(emb_city, t, emb_ctx, t.clone(), max_samples=3,
+                                  generator=torch.Generator().manual_seed(3))
+    finally:
+        losses.info_nce = original
+    assert seen == {"anchors": 6, "contrast": 12}  # 32 pixels in each pool, 3 drawn from each of the four
+    # the same 3 + 3 + 3 + 3 rows drawn again by hand give the same value
+    g = torch.Generator().manual_seed(3)
+    fc, fx = emb_city.detach().permute(0, 2, 3, 1).reshape(-1, 4), emb_ctx.detach().permute(0, 2, 3, 1).reshape(-1, 4)
+    flat = t.reshape(-1)
+    picked = [p[torch.randperm(len(p), generator=g)[:3]] for p in (fc[flat == 254], fc[flat != 254], fx[flat == 254],
+                                                                   fx[flat == 0])]
+    ref = _info_nce_loops(torch.cat(picked[:2]), [1] * 3 + [0] * 3, torch.cat(picked), [1] * 3 + [0] * 3 + [1] * 3 + [0] * 3,
+                          0.1)
+    assert loss.item() == pytest.approx(ref, rel=1e-5)
+
+
+def test_corocl_normalises_its_input():
+    emb_city, emb_ctx = _emb(2, 8, 4, 4, 1), _emb(2, 8, 4, 4, 2)
+    t = torch.zeros(2, 4, 4, dtype=torch.long)
+    t[:, :2] = 254
+    unit = losses.corocl_loss(emb_city, t, emb_ctx, t.clone(), generator=torch.Generator().manual_seed(0))
+    scaled = losses.corocl_loss(emb_city * 50.0, t, emb_ctx * 50.0, t.clone(), generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(scaled) and scaled.item() == pytest.approx(unit.item(), rel=1e-5)
+
+
+def test_energy_loss_name_is_checked():
+    with pytest.raises(rpl.RPLInputError, match="energy_loss.*'pebl'.*'hinge', 'pebal'"):
+        losses.LossWeights(energy_loss="pebl")
+    weights = losses.LossWeights()
+    weights.energy_loss = "Hinge"
+    z = torch.randn(1, 3, 4, 4)
+    with pytest.raises(rpl.RPLInputError, match="'Hinge'"):
+        losses.rpl_loss(z, z, torch.zeros(1, 4, 4, dtype=torch.long), weights=weights)
 
 
 @pytest.mark.parametrize("empty", ["city_outlier", "ctx_outlier", "all_void"])

@@ -409,3 +409,128 @@ def test_bad_inputs_are_refused_with_a_clear_message(scores, labels, message):
 def test_bad_options_are_refused(kwargs, message):
     with pytest.raises(RPLInputError, match=message):
         PixelMetrics(**kwargs)
+
+
+@pytest.mark.parametrize("mode", ["exact", "streaming", "smiyc"])
+def test_curve_is_the_one_the_metrics_are_read_from(mode):
+    """PixelMetrics.curve(): ROC area = AUROC, PR steps sum to AP, points and markers on sklearn's curve."""
+    from sklearn.metrics import precision_recall_curve, roc_curve
+
+    rng = np.random.default_rng(3)
+    labels = (rng.random((3, 40, 50)) < 0.15).astype(np.uint8)
+    labels[:, :4] = 255
+    scores = np.round(rng.normal(size=labels.shape) + 1.5 * labels, 1).astype(np.float32)  # heavy ties
+    m = PixelMetrics(mode=mode)
+    m.update(scores, labels)
+    r, c = m.compute(), m.curve(max_points=10**6)
+    fpr, tpr = np.array(c["roc"]["fpr"]), np.array(c["roc"]["tpr"])
+    recall, precision = np.array(c["pr"]["recall"]), np.array(c["pr"]["precision"])
+    assert (fpr[0], tpr[0], fpr[-1], tpr[-1]) == (0, 0, 1, 1)
+    assert np.all(np.diff(fpr) >= 0) and np.all(np.diff(tpr) >= 0)
+    assert np.trapezoid(tpr, fpr) == pytest.approx(r["auroc"], abs=TOL)
+    if mode == "smiyc":
+        assert np.trapezoid(precision, recall) == pytest.approx(r["ap"], abs=TOL)
+    else:
+        assert np.sum(np.diff(recall, prepend=0.0) * precision) == pytest.approx(r["ap"], abs=TOL)
+        valid = labels != 255
+        y, s = labels[valid], scores[valid]
+        sk_fpr, sk_tpr, _ = roc_curve(y, s, drop_intermediate=False)
+        # every point of sklearn's ROC (all distinct scores) lies on ours: at its TPR level, within our FPR span
+        for f, t in zip(sk_fpr, sk_tpr):
+            level = fpr[np.isclose(tpr, t, rtol=0, atol=1e-12)]
+            assert level.size and level.min() - 1e-12 <= f <= level.max() + 1e-12, (f, t)
+        sk_p, sk_r, _ = precision_recall_curve(y, s)
+        assert {(round(a, 12), round(b, 12)) for a, b in zip(recall, precision)} <= \
+            {(round(a, 12), round(b, 12)) for a, b in zip(sk_r[:-1], sk_p[:-1])}
+    assert c["fpr95_point"][0] == r["fpr95"] and c["fpr95_point"][1] >= 0.95
+    rec, prec = c["best_f1_point"]
+    assert 2 * rec * prec / (rec + prec) == pytest.approx(r["best_f1"], abs=TOL)
+    thinned = m.curve(max_points=50)
+    assert len(thinned["roc"]["fpr"]) <= 52 and thinned["roc"]["fpr"][-1] == 1.0
+    assert m.compute() == r  # reading the curve changes no metric
+
+
+# ---------------------------------------------------------------- streaming histogram internals
+
+def plain_histogram(scores: np.ndarray, labels: np.ndarray, bits: int) -> np.ndarray:
+    """The streaming counts written the straightforward way: one bincount over every valid code."""
+    acc = HistogramAccumulator(bits)
+    valid = labels != 255
+    codes = acc._codes(scores[valid].view(np.int32).astype(np.int64)) | labels[valid]
+    return np.bincount(codes, minlength=acc.size)
+
+
+def hard_score_maps(kind: str, n: int, rng) -> np.ndarray:
+    """Scores that stress the bucketing: zero crossings, unbounded energies, many binades, ties,
+    infinities, signed zeros, denormals and exact bin edges."""
+    if kind == "normal":
+        return rng.standard_normal(n, dtype=np.float32)
+    if kind == "energy":                    # -logsumexp-like, with a long unbounded tail
+        return (-8 + 2 * rng.standard_normal(n) - rng.exponential(20, n) * (rng.random(n) < 0.01)
+                ).astype(np.float32)
+    if kind == "binades":
+        return (rng.choice([-1.0, 1.0], n) * 2.0 ** rng.integers(-140, 128, n)).astype(np.float32)
+    if kind == "ties":
+        return np.round(rng.standard_normal(n), 1).astype(np.float32)
+    special = np.array([np.inf, -np.inf, 0.0, -0.0, 1e-45, -1e-45, 1e-40, -1.0, 1.0, -2.0, 0.5,
+                        3.4e38, -3.4e38], np.float32)
+    scores = rng.standard_normal(n, dtype=np.float32) * 3
+    pick = rng.random(n) < 0.2
+    scores[pick] = rng.choice(special, int(pick.sum()))
+    return scores
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("kind", ["normal", "energy", "binades", "ties", "special"])
+def test_streaming_counts_equal_a_plain_bincount(kind, compiled):
+    if compiled:
+        pytest.importorskip("numba")
+    rng = np.random.default_rng(sum(map(ord, kind)))
+    n = (1 << 20) + 12345                    # at least one compiled-size update and a partial block
+    scores = hard_score_maps(kind, n, rng)
+    labels = (rng.random(n) < 0.1).astype(np.uint8)
+    labels[rng.random(n) < 0.15] = 255
+    labels[: n // 50] = 255                  # a void stretch, as the ego vehicle
+    for bits in (12, 23, 24):
+        acc = HistogramAccumulator(bits, compiled=compiled)
+        acc.add(scores[: n - 1000], labels[: n - 1000])
+        acc.add(scores[n - 1000:], labels[n - 1000:])  # a small second update
+        expected = plain_histogram(scores, labels, bits)
+        assert np.array_equal(acc.hist, expected), (kind, bits)
+        occupied = np.flatnonzero(expected)
+        assert acc.lo <= occupied[0] and acc.hi >= occupied[-1]
+        assert acc.counts() == (int(np.count_nonzero(labels == 1)), int(np.count_nonzero(labels == 0)))
+
+
+def test_streaming_numpy_and_compiled_paths_give_identical_metrics():
+    pytest.importorskip("numba")
+    scores, labels = smooth_score_maps(3, seed=12)           # 1.5 M pixels in one update
+    by_numpy, compiled = PixelMetrics(mode="streaming"), PixelMetrics(mode="streaming")
+    by_numpy._acc.compiled = False
+    by_numpy.update(scores, labels)
+    compiled.update(scores, labels)
+    assert by_numpy.compute() == compiled.compute()
+
+
+def test_one_nan_among_many_pixels_is_refused_and_leaves_the_state_alone():
+    rng = np.random.default_rng(13)
+    scores = rng.standard_normal((2, 600, 1000)).astype(np.float32)
+    labels = (rng.random(scores.shape) < 0.2).astype(np.uint8)
+    m = PixelMetrics(mode="streaming")
+    m.update(scores[:1], labels[:1])
+    before = m.compute()
+    bad = scores[1:].copy()
+    bad[0, 599, 999] = np.nan                               # the very last pixel
+    with pytest.raises(RPLInputError, match="NaN"):
+        m.update(bad, labels[1:])
+    assert m.compute() == before
+
+
+@pytest.mark.parametrize("value", [2, 128, 254])
+def test_stray_label_values_are_found_by_the_fast_label_check(value):
+    labels = np.zeros((300, 400), np.uint8)
+    labels[::7] = 1
+    labels[::11] = 255
+    labels[299, 399] = value
+    with pytest.raises(RPLInputError, match=rf"found values \[{value}\]"):
+        PixelMetrics(mode="streaming").update(np.zeros((300, 400), np.float32), labels)

@@ -325,7 +325,11 @@ def test_unknown_missing_and_misshapen_keys_are_named(published, block_state):
         split_reference_state(wrong, "ckpt.pth")
     # a missing num_batches_tracked is harmless (BatchNorm fills it in) and accepted
     lean = {k: v for k, v in good.items() if not k.endswith("num_batches_tracked")}
-    assert split_reference_state(lean)[1] is not None
+    seg_lean, addon_lean, _ = split_reference_state(lean)
+    seg_full, addon_full, _ = split_reference_state(good)
+    assert all(addon_lean[k] is addon_full[k] for k in addon_lean)
+    assert set(addon_lean) == {k for k in addon_full if not k.endswith("num_batches_tracked")}
+    assert set(seg_lean) == {k for k in seg_full if not k.endswith("num_batches_tracked")}
 
 
 def test_read_checkpoint_is_weights_only_and_unwraps_nesting(tmp_path):
@@ -394,7 +398,9 @@ def test_converted_files_rebuild_the_reference_model(converted, bare_run, refere
 def test_reference_recipe_config():
     cfg = load_config(REPO / "experiments" / "cityscapes_rpl_corocl.yaml")
     assert cfg.segmenter.model == "rpl.models.wider_resnet:deepwv3plus"
-    assert import_factory(cfg.segmenter.model) is not None
+    from rpl.models.wider_resnet import deepwv3plus
+
+    assert import_factory(cfg.segmenter.model) is deepwv3plus
     assert cfg.wrap.width == 256 and cfg.wrap.init_from_aspp and cfg.wrap.head is None
     assert list(cfg.data.crop_size) == [700, 700] and cfg.data.inliers == "cityscapes"
     assert cfg.optim.lr == 7.5e-5 and cfg.optim.last_layer_lr_mult == 10 and cfg.optim.batch_size == 8

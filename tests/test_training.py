@@ -50,6 +50,9 @@ def test_loss_decreases_and_base_is_untouched(world, tmp_path):
     records = [json.loads(l) for l in (run / "log.jsonl").read_text().splitlines()]
     assert {"ce", "entropy", "outlier", "contrastive", "lr", "img_per_s"} <= set(records[0])
     assert any("val_ap" in r for r in records)
+    val = rpl.checkpoint.read_metadata(run / "best.safetensors")["extra"]["metrics"]["val"]
+    assert {"ap", "fpr95", "fpr95_threshold", "best_f1_threshold"} <= set(val)  # rpl-predict's mask thresholds
+    assert all(isinstance(val[k], float) for k in ("fpr95_threshold", "best_f1_threshold"))
     # the checkpoint loads with no flag: listed factory, segmenter weights linked next to it
     best = run / "best.safetensors"
     recorded = rpl.checkpoint.read_metadata(best)["extra"]["segmenter"]["weights"]

@@ -1,6 +1,7 @@
 """End-to-end evaluation benchmark: ``rpl-eval`` against a reference-style evaluation loop.
 
-    python experiments/benchmarks/eval_pipeline.py            # 100 images of 1024x2048 (reference: ~1 h, ~15 GB)
+    python experiments/benchmarks/eval_pipeline.py --workdir work_dirs/eval_full     # 30 images of 1024x2048
+    python experiments/benchmarks/eval_pipeline.py --workdir work_dirs/eval_full --scaling   # 10, 20, 40 images
     python experiments/benchmarks/eval_pipeline.py --quick    # 20 images of 512x1024
 
 The data set is generated into a temporary folder in the Fishyscapes layout (``images/`` +
@@ -11,7 +12,10 @@ block, random init, its last 1x1 scaled x30 so that the logits spread as a train
 (fresh logits are nearly uniform, which would squeeze MSP and entropy into a sliver of their
 range), saved as an add-on checkpoint with its segmenter spec, as rpl-train writes it.
 Methods: rpl, energy, msp, maxlogit, entropy. Every variant runs in a fresh process; its time is
-the wall clock from before the model is built to the last metric (data generation excluded).
+the wall clock from before the model is built to the last metric (data generation excluded), and
+its CPU time (all threads and DataLoader workers: robust to other jobs on a shared machine).
+``--workdir`` keeps the generated images and checkpoint, so a later run (or ``--scaling``) reuses
+them; ``--scaling`` evaluates the first 10, 20 and 40 images and gives time and memory per image.
 
 - ``rpl-eval``: ``rpl.cli.eval.main`` with its defaults (streaming metrics, DataLoader workers,
   OpenCV decode, one forward per image for all methods, metrics accumulated where the scores are),
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -131,7 +136,8 @@ def run_rpl_eval(checkpoint: Path, data_root: Path, json_path: Path, pixel_mode:
     return {r["method"]: {k: r[k] for k in ("auroc", "ap", "fpr95")} for r in document["results"]}
 
 
-def reference_evaluate(checkpoint: Path, data_folder: Path, device: str = "cpu") -> dict[str, dict[str, float]]:
+def reference_evaluate(checkpoint: Path, data_folder: Path, limit: int | None = None,
+                       device: str = "cpu") -> dict[str, dict[str, float]]:
     """The reference code's evaluation, one image at a time, scikit-learn on host arrays at the end."""
     from PIL import Image
     from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
@@ -143,7 +149,7 @@ def reference_evaluate(checkpoint: Path, data_folder: Path, device: str = "cpu")
     model = rpl.from_checkpoint(checkpoint, device=device)
     scores: dict[str, list[np.ndarray]] = {m: [] for m in METHODS}
     labels: list[np.ndarray] = []
-    for image_path in sorted((data_folder / "images").glob("*.png")):
+    for image_path in sorted((data_folder / "images").glob("*.png"))[:limit]:
         image = Image.open(image_path).convert("RGB")
         label = np.array(Image.open(data_folder / "labels_masks" / image_path.name))
         x = normalize(to_tensor(image), MEAN, STD)[None].to(device)
@@ -187,42 +193,120 @@ def available_bytes() -> int:
 
 
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
+    import resource
+
     import rpl.cli.eval  # noqa: F401  (imports outside the measured block, for every variant alike)
     import sklearn.metrics  # noqa: F401
     import torchvision.transforms.functional  # noqa: F401
 
     checkpoint, data_root = Path(spec["checkpoint"]), Path(spec["data_root"])
-    variant = VARIANTS[spec["variant"]]
+    variant, limit = VARIANTS[spec["variant"]], spec.get("limit")
     memory = PeakMemory("cpu")
     memory.start()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     engine_ips = None
     with ChildrenMemory() as workers:
         if spec["variant"] == "reference":
-            metrics = reference_evaluate(checkpoint, dataset_folder(data_root), spec["device"])
+            metrics = reference_evaluate(checkpoint, dataset_folder(data_root), limit, spec["device"])
         else:
             json_path = Path(spec["json"])
-            metrics = run_rpl_eval(checkpoint, data_root, json_path, variant["pixel_mode"], device=spec["device"])
+            extra = ("--limit", str(limit)) if limit else ()
+            metrics = run_rpl_eval(checkpoint, data_root, json_path, variant["pixel_mode"], extra, spec["device"])
             engine_ips = json.loads(json_path.read_text())["datasets"][DATASET]["images_per_second"]
     seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "peak_bytes": memory.peak_added(), "worker_peak_bytes": workers.peak,
-            "metrics": metrics, "engine_images_per_second": engine_ips}
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)          # DataLoader workers, once joined
+    cpu = time.process_time() - c0 + children.ru_utime + children.ru_stime
+    return {"seconds": seconds, "cpu_seconds": cpu, "peak_bytes": memory.peak_added(),
+            "worker_peak_bytes": workers.peak, "metrics": metrics, "engine_images_per_second": engine_ips,
+            "load_average": os.getloadavg()[0]}
+
+
+def prepare(workdir: Path, count: int, height: int, width: int) -> tuple[Path, Path]:
+    """The data set and checkpoint under ``workdir``, generated unless a matching one is there."""
+    data_root, manifest = workdir / "data", workdir / "manifest.json"
+    wanted = {"images": count, "size": [height, width], "kwargs": SEGMENTER_KWARGS, "block": BLOCK_WIDTH}
+    checkpoint = workdir / "model" / "addon.safetensors"
+    have = json.loads(manifest.read_text()) if manifest.exists() else {}
+    if checkpoint.exists() and have.get("images", 0) >= count and {**have, "images": count} == wanted:
+        print(f"Reusing the first {count} of {have['images']} images of {height}x{width} in {workdir}", flush=True)
+        return data_root, checkpoint
+    t0 = time.perf_counter()
+    make_dataset(dataset_folder(data_root), count, height, width)
+    checkpoint = make_checkpoint(workdir / "model")
+    manifest.write_text(json.dumps(wanted))
+    print(f"Generated {count} images of {height}x{width} in {time.perf_counter() - t0:.0f} s", flush=True)
+    return data_root, checkpoint
+
+
+def measure(variants: list[str], rounds: int, data_root: Path, checkpoint: Path, workdir: Path,
+            threads: int | None, limit: int | None = None, device: str = "cpu") -> dict[str, list[dict[str, Any]]]:
+    runs: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
+    for r in range(rounds):
+        for variant in variants:
+            spec = {"variant": variant, "checkpoint": str(checkpoint), "data_root": str(data_root),
+                    "json": str(workdir / f"result_{r}.json"), "limit": limit, "device": device}
+            runs[variant].append(run_worker(__file__, spec, threads))
+            last = runs[variant][-1]
+            print(f"  {limit or 'all'} images, round {r + 1}/{rounds} {variant}: {last['seconds']:.1f} s wall, "
+                  f"{last['cpu_seconds']:.1f} s CPU, load {last['load_average']:.1f}", flush=True)
+    return runs
+
+
+def main_table(runs: dict[str, list[dict[str, Any]]], count: int) -> str:
+    ref = runs.get("reference")
+    ref_seconds = median([run["seconds"] for run in ref]) if ref else None
+    ref_cpu = median([run["cpu_seconds"] for run in ref]) if ref else None
+    rows = []
+    for variant, variant_runs in runs.items():
+        seconds = median([run["seconds"] for run in variant_runs])
+        cpu = median([run["cpu_seconds"] for run in variant_runs])
+        peak = median([run["peak_bytes"] for run in variant_runs])
+        workers = median([run["worker_peak_bytes"] for run in variant_runs])
+        diff = "-"
+        if ref and variant != "reference":
+            m, r = variant_runs[0]["metrics"], ref[0]["metrics"]
+            diff = f"{max(abs(m[k][x] - r[k][x]) for k in METHODS for x in ('auroc', 'ap', 'fpr95')):.1e}"
+        rows.append([variant, f"{seconds:.1f}", f"{cpu:.1f}", f"{count / seconds:.3f}",
+                     f"{ref_seconds / seconds:.2f}x" if ref_seconds else "-",
+                     f"{ref_cpu / cpu:.2f}x" if ref_cpu else "-", f"{peak * MB:.0f}",
+                     f"{workers * MB:.0f}" if workers else "-", f"{(peak + workers) * MB:.0f}", diff,
+                     f"{median([run['load_average'] for run in variant_runs]):.1f}"])
+    return markdown_table(["pipeline", "wall (s)", "CPU (s)", "images/s (wall)", "speed vs reference (wall)",
+                           "speed vs reference (CPU)", "main process peak added (MB)", "workers' peak PSS (MB)",
+                           "host memory total (MB)", "max metric diff to reference", "load avg"], rows)
+
+
+def scaling_table(by_count: dict[int, dict[str, list[dict[str, Any]]]]) -> str:
+    rows = []
+    for count, runs in by_count.items():
+        for variant, variant_runs in runs.items():
+            run = variant_runs[0]
+            total = run["peak_bytes"] + run["worker_peak_bytes"]
+            rows.append([count, variant, f"{run['seconds']:.1f}", f"{run['seconds'] / count:.2f}",
+                         f"{run['cpu_seconds'] / count:.2f}", f"{total * MB:.0f}", f"{total * MB / count:.0f}",
+                         f"{run['load_average']:.1f}"])
+    return markdown_table(["images", "pipeline", "wall (s)", "wall s/image", "CPU s/image", "host memory (MB)",
+                           "host memory MB/image", "load avg"], rows)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="20 images of 512x1024 instead of 100 of 1024x2048")
-    parser.add_argument("--images", type=int, help="number of generated images (default 100, quick 20)")
+    parser.add_argument("--quick", action="store_true", help="20 images of 512x1024 instead of 30 of 1024x2048")
+    parser.add_argument("--images", type=int,
+                        help="number of generated images (default 30, quick 20; 40 with --scaling)")
     parser.add_argument("--size", help="HxW of the generated images (default 1024x2048, quick 512x1024)")
     parser.add_argument("--rounds", type=int, default=1, help="fresh processes per variant, interleaved (default 1)")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated among " + ", ".join(VARIANTS))
+    parser.add_argument("--workdir", help="keep the generated data and checkpoint here (reused when they match)")
+    parser.add_argument("--scaling", action="store_true", help="evaluate the first 10, 20 and 40 images instead")
     parser.add_argument("--device", default="cpu", help="where both pipelines run the model and the scores: cpu "
                                                         "(default) or cuda")
     add_common_arguments(parser)
     args = parser.parse_args()
     if served_as_worker(args, worker):
         return
-    count = args.images or (20 if args.quick else 100)
+    counts = [10, 20, 40] if args.scaling else None
+    count = args.images or (max(counts) if counts else (20 if args.quick else 30))
     height, width = (int(v) for v in (args.size or ("512x1024" if args.quick else "1024x2048")).split("x"))
     variants = [v.strip() for v in args.variants.split(",")]
     unknown = [v for v in variants if v not in VARIANTS]
@@ -234,39 +318,23 @@ def main() -> None:
                      f"but only {have / 2**30:.1f} GiB are available; use fewer --images or a smaller --size")
     info = machine(args.threads)
     print(f"Machine: {describe(info)}", flush=True)
-    raw: dict[str, Any] = {"machine": info, "images": count, "size": [height, width], "runs": {v: [] for v in variants}}
+    raw: dict[str, Any] = {"machine": info, "images": count, "size": [height, width]}
     with tempfile.TemporaryDirectory(prefix="rpl_eval_bench_") as tmp:
-        data_root = Path(tmp) / "data"
-        t0 = time.perf_counter()
-        make_dataset(dataset_folder(data_root), count, height, width)
-        checkpoint = make_checkpoint(Path(tmp) / "model")
-        print(f"Generated {count} images of {height}x{width} in {time.perf_counter() - t0:.0f} s", flush=True)
-        for r in range(args.rounds):
-            for variant in variants:
-                spec = {"variant": variant, "checkpoint": str(checkpoint), "data_root": str(data_root),
-                        "json": str(Path(tmp) / f"result_{r}.json"), "device": args.device}
-                raw["runs"][variant].append(run_worker(__file__, spec, args.threads))
-                print(f"  round {r + 1}/{args.rounds} {variant}: {raw['runs'][variant][-1]['seconds']:.1f} s",
-                      flush=True)
-    runs = raw["runs"]
-    ref_seconds = median([run["seconds"] for run in runs["reference"]]) if "reference" in runs else None
-    ref_metrics = runs["reference"][0]["metrics"] if "reference" in runs else None
-    rows = []
-    for variant, variant_runs in runs.items():
-        seconds = median([run["seconds"] for run in variant_runs])
-        peak = median([run["peak_bytes"] for run in variant_runs])
-        workers = median([run["worker_peak_bytes"] for run in variant_runs])
-        diff = "-"
-        if ref_metrics and variant != "reference":
-            m = variant_runs[0]["metrics"]
-            diff = f"{max(abs(m[k][x] - ref_metrics[k][x]) for k in METHODS for x in ('auroc', 'ap', 'fpr95')):.1e}"
-        rows.append([variant, f"{seconds:.1f}", f"{count / seconds:.3f}",
-                     f"{ref_seconds / seconds:.1f}x" if ref_seconds else "-", f"{peak * MB:.0f}",
-                     f"{workers * MB:.0f}" if workers else "-", f"{(peak + workers) * MB:.0f}", diff])
-    print(f"\n{count} images of {height}x{width}, methods {', '.join(METHODS)}, {args.device}, {args.rounds} round(s)\n")
-    print(markdown_table(["pipeline", "time (s, median)", "images/s", "speed vs reference",
-                          "main process peak added (MB)", "workers' peak PSS (MB)", "host memory total (MB)",
-                          "max metric diff to reference"], rows), flush=True)
+        workdir = Path(args.workdir) if args.workdir else Path(tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
+        data_root, checkpoint = prepare(workdir, count, height, width)
+        if counts:
+            by_count = {c: measure(variants, 1, data_root, checkpoint, workdir, args.threads, c, args.device)
+                        for c in counts}
+            raw["scaling"] = {str(c): runs for c, runs in by_count.items()}
+            print(f"\nScaling, images of {height}x{width}, methods {', '.join(METHODS)}, {args.device}\n")
+            print(scaling_table(by_count), flush=True)
+        else:
+            raw["runs"] = measure(variants, args.rounds, data_root, checkpoint, workdir, args.threads, count,
+                                  args.device)
+            print(f"\n{count} images of {height}x{width}, methods {', '.join(METHODS)}, {args.device}, "
+                  f"{args.rounds} round(s)\n")
+            print(main_table(raw["runs"], count), flush=True)
     write_json(args.json, raw)
 
 

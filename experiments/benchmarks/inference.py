@@ -24,6 +24,7 @@ told to return freed blocks at once; ``torch.cuda.max_memory_allocated`` on CUDA
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import time
 from pathlib import Path
@@ -69,8 +70,8 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     memory_format = torch.channels_last if spec["channels_last"] else torch.contiguous_format
     segmenter = build_segmenter(spec["model"]).to(device).eval()
     segmenter = segmenter.to(memory_format=memory_format)
-    # every wrapper hooks the same segmenter; hooks act only inside their own wrapper's forward
-    wrapped = {name: rpl.wrap(segmenter, block={"width": width}).eval() for name, width in BLOCKS.items()}
+    # a segmenter carries one wrapper at a time: each block width wraps its own copy (same weights)
+    wrapped = {name: rpl.wrap(copy.deepcopy(segmenter), block={"width": width}) for name, width in BLOCKS.items()}
     x = torch.randn(1, 3, *spec["size"], generator=torch.Generator().manual_seed(0)).to(device)
     x = x.contiguous(memory_format=memory_format)
     amp = spec["precision"] == "bf16"

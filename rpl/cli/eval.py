@@ -32,7 +32,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import rpl
-from rpl.cli.common import add_debug_flag, make_parser, run_command
+from rpl.cli.common import EXIT_BAD_INPUT, add_debug_flag, make_parser, run_command
+from rpl.cli.outputs import check_file, check_folder, write_all, write_atomic  # noqa: F401 (write_atomic: API)
 from rpl.data.registry import dataset_names
 from rpl.errors import RPLInputError
 
@@ -76,6 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "one per method and image (image/2 + score colours/2 inside "
                                                        "the ROI, ground truth outlined)")
     out.add_argument("--vis-limit", metavar="N", type=int, default=20, help="overlays per dataset")
+    out.add_argument("--report", metavar="DIR", help="write an HTML report DIR/index.html (results, settings, ROC and "
+                                                     "precision-recall curves, galleries, IoU per class); open it "
+                                                     "from disk, it needs no server or network")
+    out.add_argument("--report-images", metavar="N", type=int, default=4,
+                     help="images per gallery section of the report (0: no gallery)")
     out.add_argument("--wandb", choices=("disabled", "offline", "online"), default="disabled",
                      help="log the table and a few overlays to Weights & Biases")
     out.add_argument("--wandb-project", metavar="NAME", default="rpl", help="Weights & Biases project")
@@ -111,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="torch.compile the forward with this mode (reduce-overhead uses CUDA graphs on GPU); "
                           "the first images pay the compile time")
     run.add_argument("--batch-size", metavar="N", type=int, default=1, help="images per forward pass")
+    run.add_argument("--memory-budget", type=float, metavar="GB",
+                     help="memory one forward may use; an image whose estimated peak exceeds it is refused before "
+                          "it runs, with --resize advice (default: the free device memory)")
     run.add_argument("--num-workers", metavar="N", type=int, default=min(4, os.cpu_count() or 1),
                      help="data-loading processes (default: the CPU count, at most 4)")
     run.add_argument("--limit", metavar="N", type=int,
@@ -158,26 +167,6 @@ def _device(value: str | None):
     if value.startswith("cuda") and not torch.cuda.is_available():
         raise RPLInputError(f"--device {value}: CUDA is not available on this machine; use --device cpu.")
     return torch.device(value)
-
-
-def _output_path(value: str | None, option: str) -> Path | None:
-    if value is None:
-        return None
-    path = Path(value)
-    if path.is_dir():
-        raise RPLInputError(f"{option} {path} is a folder; expected a file name to write.")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write to a temporary name next to ``path`` and rename: an interrupted run leaves the old file intact."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 # -- the model ---------------------------------------------------------------------------------
@@ -413,14 +402,19 @@ class VisualSink:
         self.folder, self.keep = folder, keep
         self.kept: list[tuple[str, str, str, Any]] = []
         self.written = 0
+        self.error: str | None = None  # the first failed write; overlays stop there, the evaluation goes on
 
     def __call__(self, dataset: str, method: str, name: str, rgb) -> None:
         from rpl.data.io import write_image
         from rpl.visualize import file_stem
 
-        if self.folder is not None:
-            write_image(self.folder / dataset / method / f"{file_stem(name)}.png", rgb)
-            self.written += 1
+        if self.folder is not None and self.error is None:
+            path = self.folder / dataset / method / f"{file_stem(name)}.png"
+            try:
+                write_image(path, rgb)
+                self.written += 1
+            except (OSError, RPLInputError) as err:
+                self.error = f"{path}: {getattr(err, 'strerror', None) or err}"
         if sum(1 for d, m, _, _ in self.kept if (d, m) == (dataset, method)) < self.keep:
             self.kept.append((dataset, method, name, rgb))
 
@@ -498,15 +492,15 @@ def _run(args: argparse.Namespace) -> int:
                           components=args.components, smooth_baselines=args.smooth_baselines,
                           mc_samples=args.mc_samples, amp=args.amp, batch_size=args.batch_size,
                           num_workers=args.num_workers, limit=args.limit, seed=args.seed, progress=not args.quiet,
-                          vis_limit=args.vis_limit if args.save_vis else WANDB_OVERLAYS, compile=args.compile)
+                          vis_limit=args.vis_limit if args.save_vis else WANDB_OVERLAYS, compile=args.compile,
+                          report=args.report is not None, gallery_images=args.report_images,
+                          memory_budget=args.memory_budget)
     options.check()
     preprocess = resolve_preprocess(source, args)
-    outputs = {k: _output_path(getattr(args, k), f"--{k}") for k in ("json", "csv", "markdown")}
-    vis_dir = Path(args.save_vis) if args.save_vis else None
-    if vis_dir is not None:
-        if vis_dir.exists() and not vis_dir.is_dir():
-            raise RPLInputError(f"--save-vis {vis_dir} is a file; expected a folder for the overlays.")
-        vis_dir.mkdir(parents=True, exist_ok=True)
+    # every output proven writable before any data is read or model built
+    outputs = {k: check_file(getattr(args, k, None), f"--{k}") for k in ("json", "csv", "markdown")}
+    vis_dir = check_folder(args.save_vis, "--save-vis")
+    args.report = check_folder(args.report, "--report")  # proven writable, as the other outputs
 
     names, data_root = resolve_datasets(args)
     entries = open_datasets(names, data_root)  # layouts checked before the model loads
@@ -690,19 +684,30 @@ def _evaluate_and_report(args: argparse.Namespace, model: Any, options: EvalOpti
     caption = f"pixel mode {args.pixel_mode}, FPR@95 rule {args.fpr_rule}"
     if args.limit is not None:
         caption += f"; --limit {args.limit}: first {args.limit} images of each dataset only"
-    if outputs["json"]:
-        write_atomic(outputs["json"], json.dumps(document, indent=2, allow_nan=False) + "\n")
-    if outputs["csv"]:
-        write_atomic(outputs["csv"], to_csv(document["results"]))
-    if outputs["markdown"]:
-        write_atomic(outputs["markdown"], to_markdown(document["results"], args.components, caption))
-    print_table(document["results"], args.components, caption)
-    written = [str(p) for p in outputs.values() if p] + ([f"{sink.written} overlays in {vis_dir}"] if vis_dir else [])
+    print_table(document["results"], args.components, caption)  # first: a failed write cannot hide it
+    texts = {"json": lambda: json.dumps(document, indent=2, allow_nan=False) + "\n",
+             "csv": lambda: to_csv(document["results"]),
+             "markdown": lambda: to_markdown(document["results"], args.components, caption)}
+    written, ok = write_all([(f"--{k}", p, texts[k]()) for k, p in outputs.items() if p], "rpl-eval")
+    if vis_dir:
+        written.append(f"{sink.written} overlays in {vis_dir}")
+        if sink.error:
+            ok = False
+            print(f"rpl-eval: error: --save-vis stopped after {sink.written} overlays: {sink.error}", file=sys.stderr)
+    if args.report is not None:
+        from rpl.report import write_report
+
+        try:
+            written.append(str(write_report(args.report, document, report.curves, report.galleries)))
+        except OSError as err:
+            ok = False
+            print(f"rpl-eval: error: --report {args.report} could not be written ({err}); the table above and any "
+                  "other outputs are complete.", file=sys.stderr)
     if written:
         print("Wrote " + ", ".join(written), file=sys.stderr)
     if run is not None:
         log_wandb(run, document["results"], sink.kept if sink else [])
-    return 0
+    return 0 if ok else EXIT_BAD_INPUT  # results kept (table, fallback files), but not where asked
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -10,7 +10,9 @@ processes) with ``torchrun --nproc_per_node N -m rpl.cli.train OPTIONS``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import sys
 from typing import Sequence
 
@@ -28,7 +30,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--work-dir", metavar="DIR", default="work_dirs/rpl",
                         help="where checkpoints, logs and the config go")
     parser.add_argument("--resume", action="store_true",
-                        help="continue the run in WORK_DIR from its last.pt (a finished run is not trained again)")
+                        help="continue the run in WORK_DIR from its last.pt (a finished run is not trained again); "
+                             "the config must match the stored one")
+    parser.add_argument("--allow-changes", metavar="KEYS", default="",
+                        help="with --resume: comma-separated config keys (or sections) allowed to differ from the "
+                             "stored config, e.g. optim.lr,optim.iterations; never shape keys (wrap.width, "
+                             "wrap.rates, segmenter.*)")
     parser.add_argument("--overwrite", action="store_true",
                         help="delete the earlier run in WORK_DIR and start again (without it, rpl-train refuses "
                              "a WORK_DIR that holds a run)")
@@ -92,7 +99,7 @@ def _evaluate(work_dir: str, data_root: str) -> int:
     from rpl.cli import eval as rpl_eval
 
     return rpl_eval.main(["--checkpoint", f"{work_dir}/best.safetensors", "--data-root", data_root,
-                          "--json", f"{work_dir}/eval.json"])
+                          "--json", f"{work_dir}/eval.json", "--report", f"{work_dir}/report"])
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -107,9 +114,22 @@ def _run(args: argparse.Namespace) -> int:
     if args.evaluate and not args.resume:
         raise RPLInputError("--evaluate re-evaluates a finished run and goes with --resume; a new run is evaluated "
                             "at its end anyway (train.evaluate_after).")
-    from rpl.training import build_trainer
+    if args.allow_changes and not args.resume:
+        raise RPLInputError("--allow-changes only applies to --resume (it lists the config keys a resumed run may "
+                            "change).")
+    from rpl.workdir import hold_work_dir
 
-    trainer = build_trainer(cfg, args.work_dir, resume=args.resume, quiet=args.quiet, overwrite=args.overwrite)
+    main_rank = int(os.environ.get("RANK", "0")) == 0  # one lock per run, held by rank 0
+    with hold_work_dir(args.work_dir, quiet=args.quiet) if main_rank else contextlib.nullcontext() as lock:
+        return _train(args, cfg, lock.run_id if lock else None)
+
+
+def _train(args: argparse.Namespace, cfg, run_id: str | None) -> int:
+    """The run itself, while this process holds the work dir."""
+    from rpl.training import build_trainer  # torch loads once the work dir is ours: a refusal comes at once
+
+    trainer = build_trainer(cfg, args.work_dir, resume=args.resume, quiet=args.quiet, overwrite=args.overwrite,
+                            run_id=run_id, allow_changes=tuple(args.allow_changes.split(",")))
     if trainer.finished:
         trainer.close()
         if trainer.d.main:
@@ -117,7 +137,8 @@ def _run(args: argparse.Namespace) -> int:
             best = f", best val AP {p.best_ap:.4f} at step {p.best_step}" if p.best_ap >= 0 else ""
             print(f"{args.work_dir}: this run is finished ({p.step}/{trainer.total_steps} steps{best}); nothing to "
                   "train. " + ("Evaluating it again." if args.evaluate else
-                               "--evaluate evaluates it again; a larger optim.iterations trains it further."))
+                               "--evaluate evaluates it again; a larger optim.iterations with --allow-changes "
+                               "optim.iterations trains it further."))
             if args.evaluate:
                 return _evaluate(args.work_dir, cfg.data.root)
         return 0

@@ -13,15 +13,20 @@ applied in this order and counted separately:
 4. ``empty_mask``: its annotations rasterise to no pixel at all.
 5. ``missing_file``: the image is listed in the json but not present on disk (warned).
 
+An image record whose height or width is not a positive whole number is skipped and counted
+(``bad_image_size``, warned) unless rule 1 already excluded it.
+
 Masks are the union of all instance masks, crowd regions included (polygons, compressed and
 uncompressed RLE all go through ``pycocotools.mask``). Annotations need no ``id`` field: they are
 grouped by ``image_id`` here rather than indexed by ``pycocotools.coco.COCO``. An annotation that
-cannot be rasterised (no segmentation, wrong RLE size) is skipped and counted.
+cannot be rasterised (no segmentation, wrong RLE size, non-numeric polygon values or RLE fields) is
+skipped and counted.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import warnings
 from collections import defaultdict
@@ -133,17 +138,42 @@ def _manifest_matches(manifest: dict[str, Any] | None, params: dict[str, Any], o
 
 def _annotation_rles(ann: dict[str, Any], height: int, width: int, mask_api: Any) -> list[dict] | None:
     """RLEs for one annotation at the image's size, or None when it cannot be rasterised."""
+    try:
+        return _rles(ann, height, width, mask_api)
+    except (TypeError, ValueError, OverflowError):  # fields of the wrong type: polygon values, RLE size/counts
+        return None
+
+
+def _number(value: Any) -> float:
+    """A finite JSON number (not a string or bool), else ValueError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"not a number: {value!r}")
+    return float(value)
+
+
+def _image_size(img: dict[str, Any]) -> tuple[int, int] | None:
+    """(height, width) of an image record, or None when they are not positive whole numbers."""
+    try:
+        height, width = _number(img["height"]), _number(img["width"])
+    except ValueError:
+        return None
+    if height != int(height) or width != int(width) or height < 1 or width < 1:
+        return None
+    return int(height), int(width)
+
+
+def _rles(ann: dict[str, Any], height: int, width: int, mask_api: Any) -> list[dict] | None:
     segm = ann.get("segmentation")
     if isinstance(segm, list):
         # Polygons; fewer than 3 points are degenerate (and 4 numbers would be read as a box).
-        polygons = [[float(v) for v in p] for p in segm if isinstance(p, list) and len(p) >= 6]
+        polygons = [[_number(v) for v in p] for p in segm if isinstance(p, list) and len(p) >= 6]
         return mask_api.frPyObjects(polygons, height, width) if polygons else None
     if isinstance(segm, dict) and "counts" in segm and "size" in segm:
-        if [int(v) for v in segm["size"]] != [height, width]:
+        if [_number(v) for v in segm["size"]] != [height, width]:
             return None
         counts = segm["counts"]
         if isinstance(counts, list):  # uncompressed RLE (typical for iscrowd=1)
-            if sum(int(c) for c in counts) != height * width:
+            if sum(_number(c) for c in counts) != height * width:
                 return None
             return [mask_api.frPyObjects(segm, height, width)]
         if isinstance(counts, (str, bytes)):  # compressed RLE
@@ -234,7 +264,7 @@ def prepare_coco_ood(coco_root: str | os.PathLike, out_dir: str | os.PathLike, s
             anns_by_image[ann["image_id"]].append(ann)
 
     counts = {"listed": len(data["images"]), "excluded_category": 0, "too_small": 0, "no_annotations": 0,
-              "empty_mask": 0, "missing_file": 0, "kept": 0, "skipped_annotations": 0}
+              "empty_mask": 0, "missing_file": 0, "bad_image_size": 0, "kept": 0, "skipped_annotations": 0}
     candidates = []
     for img in data["images"]:
         if not isinstance(img, dict) or not {"id", "file_name", "height", "width"} <= img.keys():
@@ -243,9 +273,12 @@ def prepare_coco_ood(coco_root: str | os.PathLike, out_dir: str | os.PathLike, s
                 f"{str(img)[:200]}; expected COCO 'images' records."
             )
         anns = anns_by_image.get(img["id"], [])
+        size = _image_size(img)
         if any(a.get("category_id") in excluded_ids for a in anns):
             counts["excluded_category"] += 1
-        elif int(img["height"]) < min_size or int(img["width"]) < min_size:
+        elif size is None:
+            counts["bad_image_size"] += 1
+        elif size[0] < min_size or size[1] < min_size:
             counts["too_small"] += 1
         elif not anns:
             counts["no_annotations"] += 1
@@ -281,7 +314,7 @@ def prepare_coco_ood(coco_root: str | os.PathLike, out_dir: str | os.PathLike, s
             mask_owner[mask_name] = file_name
             mask_path = out_dir / mask_name
             if not mask_path.is_file():
-                height, width = int(img["height"]), int(img["width"])
+                height, width = _image_size(img)
                 mask, skipped = _union_mask(anns, height, width, mask_api)
                 counts["skipped_annotations"] += skipped
                 if not mask.any():
@@ -310,7 +343,11 @@ def prepare_coco_ood(coco_root: str | os.PathLike, out_dir: str | os.PathLike, s
         )
     if counts["skipped_annotations"]:
         warnings.warn(f"{counts['skipped_annotations']} annotations in {ann_file} had no usable segmentation "
-                      "(missing, degenerate polygon or RLE of the wrong size) and were ignored.", stacklevel=2)
+                      "(missing, degenerate polygon, non-numeric values, or an RLE of the wrong size or type) and were "
+                      "ignored.", stacklevel=2)
+    if counts["bad_image_size"]:
+        warnings.warn(f"{counts['bad_image_size']} image records in {ann_file} have a height or width that is not a "
+                      "positive whole number; they were skipped.", stacklevel=2)
     manifest = {**params, "annotation_file": str(ann_file.resolve()), "counts": counts, "images": kept}
     _write_atomic_json(out_dir / MANIFEST_NAME, manifest)
     return out_dir

@@ -168,4 +168,5 @@ class OutlierExposureDataset(Dataset):
             "target": torch.from_numpy(label.astype(np.int64)),
             "context_image": normalize(ctx_image, self.mean, self.std),
             "context_target": torch.from_numpy(ctx_label.astype(np.int64)),
+            "index": torch.tensor(index),  # names the images in messages (a NaN loss)
         }

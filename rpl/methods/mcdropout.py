@@ -45,10 +45,18 @@ def dropout_copy(segmenter: nn.Module) -> nn.Module:
     """A copy of ``segmenter`` in eval mode except its dropout layers, for MC dropout.
 
     Hooks a wrapper (RPL add-on, PEBAL abstention) placed on the segmenter are left out of the
-    copy, and the wrapper itself is not copied.
+    copy, and the wrapper itself is not copied: an RPL-wrapped segmenter is copied by its wrapper
+    (``RPLSegmenter.segmenter_copy``), other wrappers' hooks are dropped from a deep copy.
     """
-    owners = _hook_owners(segmenter)
-    clone = copy.deepcopy(segmenter, memo={id(o): o for o in owners})
+    from rpl.wrapping import wrapper_of
+
+    owner = wrapper_of(segmenter)
+    if owner is not None and owner.segmenter is segmenter:
+        clone = owner.segmenter_copy()
+    else:
+        clone = segmenter
+    owners = _hook_owners(clone)
+    clone = copy.deepcopy(clone, memo={id(o): o for o in owners})
     for m in clone.modules():
         for hooks, key in list(_owned_hooks(m, owners)):
             del hooks[key]

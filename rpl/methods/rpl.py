@@ -44,7 +44,7 @@ class RPL(Method):
 
         w = config.wrap
         block = BlockConfig(**{k: getattr(w, k) for k in BlockConfig.__dataclass_fields__})
-        model = wrap(segmenter, head=w.head, feature=w.feature, block=block)
+        model = wrap(segmenter, head=w.head, feature=w.feature, block=block).train()  # wrap returns eval mode
         if config.loss.contrastive == 0:
             model.return_embedding = False
         return model

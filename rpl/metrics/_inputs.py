@@ -78,7 +78,7 @@ def check_scores_labels(scores: Any, labels: Any, who: str) -> tuple[Array, Arra
         has_nan = bool(torch.isnan(s).any())
     else:
         s = np.ascontiguousarray(s, dtype=np.float32)
-        has_nan = bool(np.isnan(s).any())
+        has_nan = s.size > 0 and bool(np.isnan(s.min()))     # min propagates NaN: one cheap pass
     if has_nan:
         raise RPLInputError(f"{who}: the scores contain NaN; every valid pixel needs a finite or "
                             "infinite score (check the model output or the score function).")
@@ -92,6 +92,10 @@ def check_labels(lab: Array, who: str) -> Array:
     if not _is_int(lab):
         raise RPLInputError(f"{who}: labels must be integers (0 inlier, 1 anomaly, 255 void), "
                             f"got dtype {lab.dtype}.")
+    if isinstance(lab, np.ndarray) and lab.dtype == np.uint8 and lab.size:
+        # one pass: 0, 1, 255 + 1 wrap to 1, 2, 0, every other uint8 value lands above 2
+        if np.add(lab, 1, dtype=np.uint8).max() <= 2:
+            return np.ascontiguousarray(lab)
     bad = (lab != 0) & (lab != 1) & (lab != IGNORE)
     if bool(bad.any()):
         values = sorted({int(v) for v in lab[bad].reshape(-1)[:100_000].tolist()})[:8]

@@ -74,6 +74,41 @@ def smiyc_frame_bins(pos: np.ndarray, neg: np.ndarray, num_bins: int = 768):
     return edges[:-1].astype(np.float64), tp_rel.astype(np.int64), fp_rel.astype(np.int64)
 
 
+def smiyc_points(lower_edges: np.ndarray, tp_rel: np.ndarray,
+                 fp_rel: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The SMIYC evaluator's curve points (see ``smiyc_metrics``): thresholds descending, with the
+    anomaly and inlier counts at or above each; leading points with no prediction dropped."""
+    thresholds, slot = np.unique(lower_edges, return_inverse=True)
+    thresholds = thresholds[::-1]
+    tp = np.cumsum(np.bincount(slot, weights=tp_rel)[::-1])
+    fp = np.cumsum(np.bincount(slot, weights=fp_rel)[::-1])
+    start = int(np.argmax(tp + fp > 0.01))
+    return thresholds[start:], tp[start:], fp[start:]
+
+
+def pooled_curve(values: np.ndarray, pos_count: np.ndarray, neg_below: np.ndarray,
+                 neg_equal: np.ndarray, n_pos: int, n_neg: int) -> dict:
+    """The pooled ROC / precision-recall points behind ``pooled_metrics`` (same rows, same counts).
+
+    Thresholds descend; at each distinct anomaly value v two points: just above v (the anomaly
+    pixels at v not yet counted, the inliers above v counted) and at v (both counted), so the
+    trapezoidal area of (fp, tp) is exactly the AUROC, ties included. ``tp`` / ``fp`` are pixels
+    scoring >= the threshold (the upper points count > v, flagged ``upper``).
+    """
+    count = pos_count.astype(np.int64)[::-1]
+    below = neg_below.astype(np.int64)[::-1]
+    equal = neg_equal.astype(np.int64)[::-1]
+    tp_at = n_pos - (np.cumsum(pos_count.astype(np.int64)) - pos_count.astype(np.int64))[::-1]
+    fp_at = n_neg - below
+    tp = np.empty(2 * len(count), np.int64)
+    fp = np.empty_like(tp)
+    tp[0::2], fp[0::2] = tp_at - count, fp_at - equal     # just above v
+    tp[1::2], fp[1::2] = tp_at, fp_at                     # at v
+    thresholds = np.repeat(np.asarray(values, np.float64)[::-1], 2)
+    upper = np.tile([True, False], len(count))
+    return {"thresholds": thresholds, "tp": tp, "fp": fp, "upper": upper, "n_pos": int(n_pos), "n_neg": int(n_neg)}
+
+
 def smiyc_metrics(lower_edges: np.ndarray, tp_rel: np.ndarray, fp_rel: np.ndarray,
                   n_pos: int, n_neg: int) -> dict:
     """Aggregate per-frame bins the way the SMIYC evaluator does.
@@ -86,12 +121,7 @@ def smiyc_metrics(lower_edges: np.ndarray, tp_rel: np.ndarray, fp_rel: np.ndarra
     (0, 0) and the PR curve not at recall 0); FPR@95 is the FPR at the first point with
     TPR >= 0.95 (1.0 if never reached); best F1 is the maximum over the points.
     """
-    thresholds, slot = np.unique(lower_edges, return_inverse=True)
-    thresholds = thresholds[::-1]
-    tp = np.cumsum(np.bincount(slot, weights=tp_rel)[::-1])
-    fp = np.cumsum(np.bincount(slot, weights=fp_rel)[::-1])
-    start = int(np.argmax(tp + fp > 0.01))
-    thresholds, tp, fp = thresholds[start:], tp[start:], fp[start:]
+    thresholds, tp, fp = smiyc_points(lower_edges, tp_rel, fp_rel)
     tpr, fpr, precision = tp / n_pos, fp / n_neg, tp / (tp + fp)
     k = int(np.searchsorted(tpr, TPR_LEVEL))
     f1 = 2.0 * tp / (tp + fp + n_pos)

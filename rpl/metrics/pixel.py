@@ -90,8 +90,11 @@ class PixelMetrics:
         if self._synced:
             raise RuntimeError("PixelMetrics.update after sync(): call reset() to start again")
         s, lab = check_scores_labels(scores, labels, "PixelMetrics.update")
-        valid = lab != IGNORE
-        per_image = valid.reshape(1 if lab.ndim == 2 else lab.shape[0], -1).sum(1)
+        frames = lab.reshape(1 if lab.ndim == 2 else lab.shape[0], -1)
+        if isinstance(frames, np.ndarray):          # count_nonzero per frame: no bool-array sum
+            per_image = frames.shape[1] - np.array([np.count_nonzero(f == IGNORE) for f in frames])
+        else:
+            per_image = (frames != IGNORE).sum(1)
         self.n_images += int(per_image.shape[0])
         self.n_empty_images += int((per_image == 0).sum())
         self.n_ignored += int(lab.size if isinstance(lab, np.ndarray) else lab.numel()) - int(per_image.sum())
@@ -122,6 +125,51 @@ class PixelMetrics:
 
     def compute(self) -> dict:
         """The pooled metrics as Python floats; RPLInputError when they are undefined."""
+        self._check_defined()
+        out = self._acc.metrics(self.fpr_rule)
+        n_pos, n_neg = self._acc.counts()
+        out.update(n_pixels=n_pos + n_neg, n_anomaly=n_pos, n_inlier=n_neg, n_ignored=self.n_ignored,
+                   n_images=self.n_images, n_empty_images=self.n_empty_images)
+        return out
+
+    def curve(self, max_points: int = 1000) -> dict:
+        """The pooled ROC and precision-recall curves the metrics are read from, for plotting.
+
+        ``{"roc": {"fpr", "tpr"}, "pr": {"recall", "precision"}, "fpr95_point": [fpr, tpr],
+        "best_f1_point": [recall, precision]}`` as lists of floats. The ROC runs from (0, 0) to
+        (1, 1) through two points per distinct anomaly value (or bin), so its trapezoidal area is
+        ``compute()["auroc"]``; the PR points are those AP sums over (recall, precision at each
+        distinct anomaly value; the SMIYC mode's own points there). Both are thinned to about
+        ``max_points`` points spaced along the curve (at most 1/``max_points`` of the unit square
+        between kept points); the marked points come from the full curve and ``compute()``'s
+        thresholds (no marker where the threshold is undefined).
+        """
+        self._check_defined()
+        c = self._acc.curve()
+        n_pos, n_neg = c["n_pos"], c["n_neg"]
+        tp, fp = np.asarray(c["tp"], np.float64), np.asarray(c["fp"], np.float64)
+        thresholds = np.asarray(c["thresholds"], np.float64)
+        at = ~np.asarray(c["upper"]) if "upper" in c else np.ones(len(tp), bool)
+        fpr = np.concatenate(([0.0], fp / n_neg, [1.0]))
+        tpr = np.concatenate(([0.0], tp / n_pos, [1.0]))
+        keep = at & (tp > 0)
+        recall, precision = tp[keep] / n_pos, tp[keep] / (tp[keep] + fp[keep])
+        m = self._acc.metrics(self.fpr_rule)
+
+        def point(threshold: float, x: np.ndarray, y: np.ndarray) -> list[float] | None:
+            hits = np.flatnonzero(at & (thresholds == threshold)) if np.isfinite(threshold) else []
+            return [float(x[hits[0]]), float(y[hits[0]])] if len(hits) else None
+
+        roc_point = point(m["fpr95_threshold"], fp / n_neg, tp / n_pos)
+        if roc_point is not None:
+            roc_point[0] = float(m["fpr95"])  # the "closest" rule reads the lowest threshold of that recall
+        f1_point = point(m["best_f1_threshold"], tp / n_pos, tp / np.maximum(tp + fp, 1))
+        fx, fy = _thin(fpr, tpr, max_points)
+        rx, ry = _thin(recall, precision, max_points)
+        return {"roc": {"fpr": fx, "tpr": fy}, "pr": {"recall": rx, "precision": ry},
+                "fpr95_point": roc_point, "best_f1_point": f1_point}
+
+    def _check_defined(self) -> None:
         n_pos, n_neg = self._acc.counts()
         if n_pos == 0 or n_neg == 0:
             missing = "anomaly pixel (label 1)" if n_pos == 0 else "inlier pixel (label 0)"
@@ -130,7 +178,13 @@ class PixelMetrics:
                 f"({self.n_images} images, {self.n_ignored} void pixels), so AUROC, AP and FPR@95 "
                 "are undefined: they rank anomaly pixels against inlier pixels and need both. "
                 "Check that the labels use 0 inlier / 1 anomaly / 255 void, or leave this dataset out.")
-        out = self._acc.metrics(self.fpr_rule)
-        out.update(n_pixels=n_pos + n_neg, n_anomaly=n_pos, n_inlier=n_neg, n_ignored=self.n_ignored,
-                   n_images=self.n_images, n_empty_images=self.n_empty_images)
-        return out
+
+
+def _thin(x: np.ndarray, y: np.ndarray, max_points: int) -> tuple[list[float], list[float]]:
+    """Keep the first point of each 1/max_points step of path length along the curve, and the last."""
+    if len(x) <= max_points:
+        return x.tolist(), y.tolist()
+    length = np.concatenate(([0.0], np.cumsum(np.abs(np.diff(x)) + np.abs(np.diff(y)))))
+    _, first = np.unique(np.floor(length / max(length[-1], 1e-12) * max_points), return_index=True)
+    idx = np.union1d(first, [len(x) - 1])
+    return x[idx].tolist(), y[idx].tolist()

@@ -13,7 +13,7 @@ import math
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
@@ -201,31 +201,49 @@ def numpy_safe_globals() -> list[Any]:
     return allowed
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """A state dict from ``.safetensors`` or a ``.pth``/``.pt`` file (``state_dict``/``model`` nesting and
-    ``module.`` prefixes handled), loaded without unpickling code."""
+NESTING_KEYS = ("state_dict", "model", "model_state_dict", "model_state")  # where training scripts nest weights
+
+
+def read_raw_state_dict(path: str | Path, what: str = "weights file",
+                        expected: str = "a .safetensors or .pth state dict") -> dict[str, torch.Tensor]:
+    """The state dict in ``.safetensors`` or ``.pth``/``.pt`` (nested under ``state_dict``/``model``/...),
+    keys untouched, loaded with ``weights_only=True`` (plain numbers and numpy scalars allowed, code never).
+
+    The one reader of weight files: segmenter weights and the published reference checkpoints use it.
+    """
     path = Path(path)
     if not path.is_file():
-        raise RPLInputError(f"weights file {path} does not exist; expected a .safetensors or .pth state dict.")
+        raise RPLInputError(f"{what} {path} does not exist; expected {expected}.")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
-            state = load_file(str(path))
+            state: Any = load_file(str(path))
         else:
             with torch.serialization.safe_globals(numpy_safe_globals()):  # e.g. NVIDIA's numpy mean_iu
                 state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as err:  # corrupt file, pickled code, ...: all the user's to fix
-        raise RPLInputError(f"weights file {path} could not be read safely ({type(err).__name__}: {err}); expected a "
-                            "state dict saved with torch.save(model.state_dict()) or safetensors.") from None
+        raise RPLInputError(f"{what} {path} could not be read safely with weights_only=True ({type(err).__name__}: "
+                            f"{str(err)[:300]}); expected {expected} saved with torch.save(model.state_dict()) or "
+                            "safetensors (pickled code is never loaded).") from None
     if path.suffix == ".safetensors":
         state = _tuned_segmenter(path, state)
-    for key in ("state_dict", "model", "model_state_dict"):
-        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
-            state = state[key]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise RPLInputError(f"weights file {path} does not hold a state dict of tensors.")
-    return strip_prefix(state)
+    while isinstance(state, Mapping):
+        nested = next((k for k in NESTING_KEYS if isinstance(state.get(k), Mapping)), None)
+        if nested is None:
+            break
+        state = state[nested]
+    if not isinstance(state, Mapping) or not state:
+        raise RPLInputError(f"{what} {path} holds no state dict (looked under {', '.join(NESTING_KEYS)}).")
+    bad = [k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        raise RPLInputError(f"{what} {path}: entries {bad[:5]} are not tensors; expected a state dict of tensors.")
+    return dict(state)
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """A state dict from ``.safetensors`` or ``.pth``/``.pt`` with leading ``module.`` prefixes removed."""
+    return strip_prefix(read_raw_state_dict(path))
 
 
 def _tuned_segmenter(path: Path, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

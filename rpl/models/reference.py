@@ -43,19 +43,17 @@ rebuilds everything).
 from __future__ import annotations
 
 import argparse
-import pickle
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import torch
-from safetensors import SafetensorError
 from torch import nn
 
 from rpl.blocks import BlockConfig, RPLAddon
 from rpl.checkpoint import atomic_save_file, save
 from rpl.cli.common import add_debug_flag, run_command
 from rpl.errors import RPLInputError
-from rpl.models.loading import SegmenterSpec, numpy_safe_globals
+from rpl.models.loading import SegmenterSpec, read_raw_state_dict
 from rpl.models.wider_resnet import DeepWV3Plus
 
 SEGMENTER_MODEL = "rpl.models.wider_resnet:deepwv3plus"
@@ -63,7 +61,6 @@ SEGMENTER_FILE = "segmenter.safetensors"
 ADDON_FILE = "rpl_addon.safetensors"
 _WRAPPER_PREFIXES = ("module.", "branch1.")  # DDP / DataParallel, RPL's Network
 _DROPPED_PREFIXES = ("criterion.",)
-_NESTING_KEYS = ("model", "model_state", "state_dict")
 # (reference prefix, our prefix) for the add-on; the segmenter keeps its keys
 ADDON_KEY_MAP: tuple[tuple[str, str], ...] = (
     ("residual_block.atten_aspp.img_conv.", "block.aspp.pooling.conv."),
@@ -81,34 +78,8 @@ def reference_block_config() -> BlockConfig:
 
 def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
     """The raw state dict of a published ``.pth`` (or a ``.safetensors``), keys untouched, without unpickling code."""
-    path = Path(path)
-    if not path.is_file():
-        raise RPLInputError(f"checkpoint {path} does not exist; expected NVIDIA's cityscapes_best.pth or RPL's "
-                            "released RPL+CoroCL .pth.")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            obj: Any = load_file(str(path))
-        else:
-            with torch.serialization.safe_globals(numpy_safe_globals()):
-                obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, SafetensorError, OSError, RuntimeError, EOFError, ValueError, AttributeError,
-            TypeError) as err:
-        raise RPLInputError(f"checkpoint {path} could not be read safely with weights_only=True ({type(err).__name__}: "
-                            f"{str(err)[:300]}); expected a torch.save'd state dict of tensors and plain numbers "
-                            "(pickled code is never loaded).") from None
-    while isinstance(obj, Mapping):
-        nested = next((k for k in _NESTING_KEYS if isinstance(obj.get(k), Mapping)), None)
-        if nested is None:
-            break
-        obj = obj[nested]
-    if not isinstance(obj, Mapping) or not obj:
-        raise RPLInputError(f"checkpoint {path} holds no state dict (looked under {', '.join(_NESTING_KEYS)}).")
-    bad = [k for k, v in obj.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
-    if bad:
-        raise RPLInputError(f"checkpoint {path}: entries {bad[:5]} are not tensors; expected a state dict.")
-    return dict(obj)
+    return read_raw_state_dict(path, what="checkpoint",
+                               expected="NVIDIA's cityscapes_best.pth or RPL's released RPL+CoroCL .pth")
 
 
 def _strip_wrappers(key: str) -> tuple[str, list[str]]:
