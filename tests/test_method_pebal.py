@@ -214,6 +214,7 @@ def test_save_load_gives_identical_scores_and_wrong_loader_is_an_error(segmenter
 
 
 # -- end to end: train PEBAL, RPL on its segmenter, compare in one table ------------------------
+@pytest.mark.slow  # ~15 min on 2 shared cores: two training runs, a resume and a multi-checkpoint evaluation
 def test_pebal_and_pebal_rpl_train_resume_and_evaluate_in_one_table(tmp_path, capsys):
     import json
 

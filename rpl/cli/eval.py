@@ -583,19 +583,18 @@ def _run_many(args: argparse.Namespace, paths: list[Path], device) -> int:
                         smooth_baselines=args.smooth_baselines, mc_samples=args.mc_samples, amp=args.amp,
                         batch_size=args.batch_size, num_workers=args.num_workers, limit=args.limit, seed=args.seed,
                         progress=not args.quiet, vis_limit=args.vis_limit if args.save_vis else WANDB_OVERLAYS,
-                        compile=args.compile)
+                        compile=args.compile, report=args.report is not None,
+                        gallery_images=args.report_images, memory_budget=args.memory_budget)
     EvalOptions(methods=post_hoc or ("energy",), **base_options).check()
-    outputs = {k: _output_path(getattr(args, k), f"--{k}") for k in ("json", "csv", "markdown")}
-    vis_dir = Path(args.save_vis) if args.save_vis else None
-    if vis_dir is not None:
-        if vis_dir.exists() and not vis_dir.is_dir():
-            raise RPLInputError(f"--save-vis {vis_dir} is a file; expected a folder for the overlays.")
-        vis_dir.mkdir(parents=True, exist_ok=True)
+    if args.wandb != "disabled":
+        raise RPLInputError("--wandb logs one checkpoint's evaluation; run rpl-eval once per checkpoint to log each.")
+    # every output proven writable before any data is read or model built
+    outputs = {k: check_file(getattr(args, k, None), f"--{k}") for k in ("json", "csv", "markdown")}
+    vis_dir = check_folder(args.save_vis, "--save-vis")
+    report_dir = check_folder(args.report, "--report")
     names, data_root = resolve_datasets(args)
     entries = open_datasets(names, data_root)
     sink = VisualSink(vis_dir, 0) if vis_dir else None
-    if args.wandb != "disabled":
-        raise RPLInputError("--wandb logs one checkpoint's evaluation; run rpl-eval once per checkpoint to log each.")
 
     anomaly_rows: dict[tuple[str, int], list[dict[str, Any]]] = {}
     segmenters: dict[str, dict[str, Any]] = {}  # fingerprint -> mIoU rows and who uses them
@@ -628,6 +627,9 @@ def _run_many(args: argparse.Namespace, paths: list[Path], device) -> int:
                 if row["method"] == src.method:
                     row["method"] = label
                 anomaly_rows.setdefault((row["dataset"], index), []).append(row)
+        for curves in report.curves.values():  # the report's curves under the table's row names
+            if src.method in curves and src.method != label:
+                curves[label] = curves.pop(src.method)
         reports.append(report)
         del model
     results: list[dict[str, Any]] = []
@@ -655,17 +657,35 @@ def _run_many(args: argparse.Namespace, paths: list[Path], device) -> int:
         "datasets": datasets_info, "notes": list(dict.fromkeys(notes)),
     })
     caption = f"pixel mode {args.pixel_mode}, FPR@95 rule {args.fpr_rule}"
-    if outputs["json"]:
-        write_atomic(outputs["json"], json.dumps(document, indent=2, allow_nan=False) + "\n")
-    if outputs["csv"]:
-        write_atomic(outputs["csv"], to_csv(document["results"]))
-    if outputs["markdown"]:
-        write_atomic(outputs["markdown"], to_markdown(document["results"], args.components, caption))
-    print_table(document["results"], args.components, caption)
-    written = [str(p) for p in outputs.values() if p] + ([f"{sink.written} overlays in {vis_dir}"] if vis_dir else [])
+    print_table(document["results"], args.components, caption)  # first: a failed write cannot hide it
+    texts = {"json": lambda: json.dumps(document, indent=2, allow_nan=False) + "\n",
+             "csv": lambda: to_csv(document["results"]),
+             "markdown": lambda: to_markdown(document["results"], args.components, caption)}
+    written, ok = write_all([(f"--{k}", p, texts[k]()) for k, p in outputs.items() if p], "rpl-eval")
+    if vis_dir:
+        written.append(f"{sink.written} overlays in {vis_dir}")
+        if sink.error:
+            ok = False
+            print(f"rpl-eval: error: --save-vis stopped after {sink.written} overlays: {sink.error}", file=sys.stderr)
+    if report_dir is not None:
+        from rpl.report import write_report
+
+        curves: dict[str, dict[str, Any]] = {}
+        galleries: dict[str, list] = {}
+        for one in reports:
+            for name, per_method in one.curves.items():
+                curves.setdefault(name, {}).update(per_method)
+            for name, kept in one.galleries.items():
+                galleries.setdefault(name, []).extend(kept)
+        try:
+            written.append(str(write_report(report_dir, document, curves, galleries)))
+        except OSError as err:
+            ok = False
+            print(f"rpl-eval: error: --report {report_dir} could not be written ({err}); the table above and any "
+                  "other outputs are complete.", file=sys.stderr)
     if written:
         print("Wrote " + ", ".join(written), file=sys.stderr)
-    return 0
+    return 0 if ok else EXIT_BAD_INPUT  # results kept (table, fallback files), but not where asked
 
 
 def _evaluate_and_report(args: argparse.Namespace, model: Any, options: EvalOptions, preprocess: Preprocess,
