@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 from rpl.checkpoint import atomic_save_file, load_addon, read_metadata
 from rpl.config import load_config
-from rpl.training import Trainer
+from rpl.training import build_trainer
 
 AGREE = 1e-6  # recorded and re-run metrics must agree this closely (same data, same weights, CPU)
 
@@ -42,7 +42,7 @@ def main(argv=None) -> int:
         train_config = dict(extra["train_config"])
         train_config["train"] = {**train_config["train"], "evaluate_after": False}
         config.write_text(yaml.safe_dump(train_config))
-        trainer = Trainer(load_config(config), Path(tmp) / "run", quiet=True)
+        trainer = build_trainer(load_config(config), Path(tmp) / "run", quiet=True)
         load_addon(path, trainer.model)
         metrics = trainer.validate()
     for key in ("auroc", "ap", "fpr95"):

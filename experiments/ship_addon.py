@@ -1,9 +1,15 @@
-"""Copy an add-on checkpoint from rpl-train into ``weights/`` with paths that resolve from there.
+"""Copy a checkpoint from rpl-train (any method) into ``weights/`` with paths that resolve from there.
 
     python experiments/ship_addon.py work_dirs/rpl/best.safetensors weights/rpl_synthstreets.safetensors
+    python experiments/ship_addon.py work_dirs/pebal/best.safetensors weights/pebal_synthstreets.safetensors \\
+        --fp16 --command "rpl-train --method pebal ..."
 
 rpl-train records the segmenter's weights path relative to its work dir; the shipped file must find
-``weights/segmenter_synthstreets.safetensors`` from its own folder instead. Weights are unchanged.
+its segmenter (``weights/segmenter_synthstreets.safetensors``, or a shipped PEBAL file for
+``pebal+rpl``) from its own folder instead. Weights are unchanged unless ``--fp16`` (floating-point
+tensors stored in half precision, as the shipped segmenter is; evaluate the shipped file, not the
+work dir's, since the rounding changes scores slightly). ``--command`` is stored as
+``extra['command']`` so the file says how it was made.
 """
 from __future__ import annotations
 
@@ -24,6 +30,8 @@ def main(argv=None) -> int:
     p.add_argument("src")
     p.add_argument("dst")
     p.add_argument("--note", default="", help="text stored as extra['shipped_note']")
+    p.add_argument("--command", default="", help="the command that trained it, stored as extra['command']")
+    p.add_argument("--fp16", action="store_true", help="store floating-point tensors in float16")
     args = p.parse_args(argv)
     src, dst = Path(args.src), Path(args.dst)
     meta = read_metadata(src)
@@ -39,10 +47,15 @@ def main(argv=None) -> int:
     seg["weights"] = os.path.relpath(weights, dst.parent.resolve())
     if args.note:
         extra["shipped_note"] = args.note
+    if args.command:
+        extra["command"] = args.command
     raw["extra"] = json.dumps(extra)
+    tensors = load_file(str(src))
+    if args.fp16:
+        tensors = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
     dst.parent.mkdir(parents=True, exist_ok=True)
-    atomic_save_file(load_file(str(src)), dst, raw)
-    print(f"wrote {dst} (segmenter weights -> {seg['weights']})")
+    atomic_save_file({k: v.contiguous() for k, v in tensors.items()}, dst, raw)
+    print(f"wrote {dst} (segmenter weights -> {seg['weights']}{', float16' if args.fp16 else ''})")
     return 0
 
 

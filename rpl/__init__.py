@@ -20,7 +20,7 @@ _ATTRIBUTES = {
     "pretrained": "rpl.checkpoint",
 }
 _SUBMODULES = {"scores", "losses", "metrics", "models", "data", "checkpoint", "wrapping", "blocks", "training",
-               "evaluation", "config", "prediction", "export", "smiyc"}
+               "evaluation", "config", "methods", "conventions", "prediction", "export", "smiyc"}
 __all__ = [*_ATTRIBUTES, *sorted(_SUBMODULES)]
 
 

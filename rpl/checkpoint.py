@@ -1,9 +1,15 @@
-"""Add-on checkpoints: safetensors weights + metadata (config, wrap arguments, base fingerprint).
+"""Checkpoints of every method: safetensors tensors + metadata naming the method (one format).
 
-Only the add-on is stored (the segmenter stays the user's); a SHA-256 fingerprint of the frozen
-base weights makes loading onto another segmenter fail loudly instead of giving silent garbage.
-Files are written to a temporary name and renamed, so a kill while saving never corrupts the
-previous checkpoint.
+Metadata keys: ``format`` (:data:`FORMAT`), ``method`` (a name from ``rpl.methods.available()``),
+``base_fingerprint`` / ``base_class`` (the segmenter the method was built on), ``extra`` (JSON: the
+segmenter's spec, training config, metrics, ...) and the method's own JSON fields (RPL: ``wrap``;
+PEBAL: ``pebal``), each checked field by field (:class:`MetadataSchema`) before anything is used.
+Add-on methods store only their add-on (the segmenter stays the user's), and the SHA-256
+fingerprint of the frozen base makes loading onto another segmenter fail loudly instead of giving
+silent garbage. Fine-tuned methods store the tuned segmenter under ``segmenter.*`` keys, so such a
+file can also serve as the weights of a frozen base (``rpl.models.read_state_dict``). Files of the
+older add-on format (``rpl-addon/1``) read as method ``rpl``. Files are written to a temporary
+name and renamed, so a kill while saving never corrupts the previous checkpoint.
 """
 from __future__ import annotations
 
@@ -23,7 +29,9 @@ from torch import nn
 from rpl.blocks import BlockConfig
 from rpl.errors import RPLInputError
 
-FORMAT = "rpl-addon/1"
+FORMAT = "rpl-checkpoint/1"
+ADDON_FORMAT = "rpl-addon/1"  # RPL add-ons written before methods were plug-ins: method rpl
+SEGMENTER_PREFIX = "segmenter."  # tensor keys of a fine-tuned segmenter inside a checkpoint
 
 
 def fingerprint(module: nn.Module) -> str:
@@ -65,25 +73,27 @@ def atomic_save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dic
     os.replace(tmp, path)
 
 
+def write_checkpoint(path: str | os.PathLike, tensors: dict[str, torch.Tensor], method: str, base_fingerprint: str,
+                     base_class: str, fields: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> Path:
+    """Write ``tensors`` with the metadata of method ``method`` (``fields``: its own JSON fields)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"format": FORMAT, "method": method, "base_fingerprint": base_fingerprint, "base_class": base_class,
+            "extra": json.dumps(extra or {})}
+    meta.update({k: json.dumps(v) for k, v in (fields or {}).items()})
+    atomic_save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, path, meta)
+    return path
+
+
 def save(path: str | os.PathLike, model: Any, extra: dict[str, Any] | None = None,
          base_fingerprint: str | None = None) -> Path:
     """Write ``model``'s add-on (an ``RPLSegmenter``) to ``path`` (.safetensors) with its metadata.
 
     ``extra`` (JSON-serialisable: metrics, training config, the segmenter's spec) goes in the metadata.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    addon = model.bare_addon
-    tensors = {k: v.detach().cpu().contiguous() for k, v in addon.state_dict().items()}
-    meta = {
-        "format": FORMAT,
-        "wrap": json.dumps(model.wrap_arguments()),
-        "base_fingerprint": base_fingerprint or fingerprint(model.segmenter),
-        "base_class": type(model.segmenter).__name__,
-        "extra": json.dumps(extra or {}),
-    }
-    atomic_save_file(tensors, path, meta)
-    return path
+    return write_checkpoint(path, model.bare_addon.state_dict(), "rpl",
+                            base_fingerprint or fingerprint(model.segmenter), type(model.segmenter).__name__,
+                            {"wrap": model.wrap_arguments()}, extra)
 
 
 # -- metadata: bounded, validated, never evaluated -------------------------------------------------
@@ -264,24 +274,66 @@ def check_extra(path: str | os.PathLike) -> Callable[[Any], None]:
     return check
 
 
-def addon_schema(path: str | os.PathLike) -> MetadataSchema:
-    return MetadataSchema(FORMAT, (
-        MetadataField("wrap", json=True, check=check_wrap),
-        MetadataField("base_fingerprint", check=check_fingerprint),
-        MetadataField("base_class", required=False, default="", check=lambda v: _text(v, "", max_len=200)),
-        MetadataField("extra", required=False, json=True, default=dict, check=check_extra(path)),
-    ))
+def common_fields(path: str | os.PathLike) -> tuple[MetadataField, ...]:
+    """The fields every method's checkpoint has."""
+    return (MetadataField("base_fingerprint", check=check_fingerprint),
+            MetadataField("base_class", required=False, default="", check=lambda v: _text(v, "", max_len=200)),
+            MetadataField("extra", required=False, json=True, default=dict, check=check_extra(path)))
 
 
-def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """The metadata of an add-on checkpoint, JSON fields decoded and every field checked."""
-    return decode_metadata(path, read_header(path), addon_schema(path))
+def addon_schema(path: str | os.PathLike, fmt: str = ADDON_FORMAT) -> MetadataSchema:
+    return MetadataSchema(fmt, (MetadataField("wrap", json=True, check=check_wrap), *common_fields(path)))
+
+
+def method_schema(path: str | os.PathLike, method: str) -> MetadataSchema:
+    """The schema of ``method``'s checkpoints: the common fields plus the method's own
+    (``Method.metadata_fields``)."""
+    from rpl.methods import get
+
+    own = get(method).metadata_fields(path)
+    return MetadataSchema(FORMAT, (MetadataField("method"), *own, *common_fields(path)),
+                          what=f"a {method!r} checkpoint written by rpl-train")
+
+
+def read_metadata(path: str | os.PathLike, method: str | None = None) -> dict[str, Any]:
+    """The metadata of a checkpoint, every field checked; ``method`` given: it must be that method's."""
+    raw = read_header(path)
+    fmt = raw.get("format")
+    if fmt == ADDON_FORMAT:
+        out = decode_metadata(path, raw, addon_schema(path))
+        out["method"] = "rpl"
+    else:
+        if fmt != FORMAT:
+            shown = "missing" if fmt is None else f"is {str(fmt)[:100]!r}"
+            raise RPLInputError(f"checkpoint {path}: metadata field format {shown}, not {FORMAT!r}; expected a "
+                                "checkpoint written by rpl-train or rpl.save.")
+        from rpl.methods import available
+
+        name = raw.get("method")
+        if name not in available():
+            raise RPLInputError(f"checkpoint {path}: metadata field method is {str(name)[:100]!r}; expected one of "
+                                f"{', '.join(available())}.")
+        out = decode_metadata(path, raw, method_schema(path, name))
+    if method is not None and out["method"] != method:
+        raise RPLInputError(f"checkpoint {path} holds method {out['method']!r}, but it was given to the loader of "
+                            f"method {method!r}. Load it with its own method (rpl.methods.load(path), or "
+                            f"rpl-eval --checkpoint {path}, which picks the method from the file).")
+    return out
+
+
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a safetensors file carrying rpl checkpoint metadata (format only; not validated)."""
+    try:
+        fmt = read_header(path).get("format")
+    except RPLInputError:
+        return False
+    return fmt in (FORMAT, ADDON_FORMAT)
 
 
 def load_addon(path: str | os.PathLike, model: Any, check_base: bool = True) -> dict[str, Any]:
     """Load the add-on weights of ``path`` into ``model`` (an ``RPLSegmenter``); returns the metadata."""
     path = Path(path)
-    meta = read_metadata(path)
+    meta = read_metadata(path, method="rpl")
     if check_base:
         ours = fingerprint(model.segmenter)
         if meta["base_fingerprint"] != ours:
@@ -317,7 +369,7 @@ def load(path: str | os.PathLike, segmenter: nn.Module, check_base: bool = True,
     """
     from rpl.wrapping import wrap
 
-    meta = read_metadata(path)
+    meta = read_metadata(path, method="rpl")
     w = meta["wrap"]
     kwargs = dict(head=w["head"], feature=w.get("feature"), block=BlockConfig.from_dict(w.get("block")),
                   smoothing=tuple(w["smoothing"]) if w.get("smoothing") else None)
@@ -341,14 +393,15 @@ def load(path: str | os.PathLike, segmenter: nn.Module, check_base: bool = True,
 
 def from_checkpoint(path: str | os.PathLike, *, weights: str | os.PathLike | None = None,
                     trust_checkpoint: bool = False, device: str | torch.device = "cpu") -> Any:
-    """The segmenter recorded in add-on checkpoint ``path``, wrapped with its add-on, in eval mode.
+    """The model of checkpoint ``path`` (any method), on the segmenter it records, in eval mode.
 
-    ``out = model(images)`` then gives ``out.logits`` and ``out.anomaly``; images are normalised with
-    ``model.segmenter_spec.mean/std`` (the recorded normalisation) first. The recorded factory must be
-    a listed one (``rpl.models.factories``) and its weights file must lie next to the checkpoint:
-    ``weights`` names the segmenter weights yourself, ``trust_checkpoint=True`` allows an unlisted
-    factory after you have read it (the refusal message prints the call).
+    ``out = model(images)`` then gives ``out.logits`` and ``out.anomaly`` (the method's score map);
+    images are normalised with ``model.segmenter_spec.mean/std`` (the recorded normalisation) first.
+    The recorded factory must be a listed one (``rpl.models.factories``) and its weights file must lie
+    next to the checkpoint: ``weights`` names the segmenter weights yourself, ``trust_checkpoint=True``
+    allows an unlisted factory after you have read it (the refusal message prints the call).
     """
+    from rpl.methods import get
     from rpl.models.loading import SegmenterSpec, build_segmenter
 
     path = Path(path)
@@ -356,10 +409,11 @@ def from_checkpoint(path: str | os.PathLike, *, weights: str | os.PathLike | Non
     recorded = meta["extra"].get("segmenter")
     if recorded is None:
         raise RPLInputError(f"checkpoint {path} records no segmenter (metadata field extra.segmenter is missing); "
-                            "build the frozen segmenter it was trained on yourself and use rpl.load(path, segmenter).")
+                            "build the segmenter it was trained on yourself and use rpl.methods.get(method)"
+                            ".load(path, segmenter).")
     spec = SegmenterSpec.from_dict(recorded, where="extra.segmenter", source=path)
     segmenter = build_segmenter(spec, recorded_in=path, trust_checkpoint=trust_checkpoint, weights=weights)
-    model = load(path, segmenter.to(device)).eval()
+    model = get(meta["method"]).load(path, segmenter.to(device)).to(device).eval()
     model.segmenter_spec = spec
     return model
 

@@ -3,10 +3,18 @@
 The dataclass defaults ARE the embedded default (SynthStreets + the shipped segmenter), so
 ``rpl-train`` with no config needs no file; ``experiments/*.yaml`` hold the other recipes. An
 unknown key or a value of the wrong type is an error that names it.
+
+Sections reuse the library's own dataclasses: ``segmenter`` is ``rpl.models.SegmenterSpec``,
+``wrap`` extends ``rpl.BlockConfig`` with where the block attaches, ``loss`` is
+``rpl.losses.LossWeights``. ``method`` names the trained method (``rpl.methods``); a method with
+options (``Method.Options``, e.g. PEBAL's) gets a top-level section of its name, found in the
+method registry, so adding a method never touches this file.
 """
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
+import json
 import math
 import types
 import typing
@@ -16,34 +24,31 @@ from typing import Any
 
 import yaml
 
+from rpl.blocks import BlockConfig
+from rpl.conventions import IMAGENET_MEAN, IMAGENET_STD
 from rpl.errors import RPLInputError
+from rpl.losses import LossWeights
+from rpl.models.loading import SegmenterSpec
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SEGMENTER_WEIGHTS = "weights/segmenter_synthstreets.safetensors"
 
 
-@dataclass
-class SegmenterConfig:
-    """The frozen segmenter: ``package.module:factory`` + kwargs + weights (see ``rpl.models.SegmenterSpec``)."""
-
-    model: str = "rpl.models:build_model"
-    kwargs: dict = field(default_factory=lambda: {"backbone": "resnet10t", "num_classes": 19, "output_stride": 16,
-                                                  "aspp_width": 64, "decoder_width": 64})
-    weights: str | None = DEFAULT_SEGMENTER_WEIGHTS
-    num_classes: int = 19
-    mean: list | None = field(default_factory=lambda: [0.485, 0.456, 0.406])
-    std: list | None = field(default_factory=lambda: [0.229, 0.224, 0.225])
+def _embedded_segmenter() -> SegmenterSpec:
+    """The shipped SynthStreets segmenter: rpl's DeepLabv3+ over timm resnet10t, widths 64."""
+    return SegmenterSpec(model="rpl.models:build_model",
+                         kwargs={"backbone": "resnet10t", "num_classes": 19, "output_stride": 16, "aspp_width": 64,
+                                 "decoder_width": 64},
+                         weights=DEFAULT_SEGMENTER_WEIGHTS, num_classes=19, mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
 
 @dataclass
-class WrapConfig:
+class WrapConfig(BlockConfig):
+    """The RPL block (``rpl.BlockConfig``) plus where it attaches (``rpl.wrap``'s ``head`` / ``feature``)."""
+
+    width: int = 64  # residual block width (reference 256; the embedded segmenter is small)
     head: str | None = None  # None: the family's preset
     feature: str | None = None
-    width: int = 64  # residual block width (reference 256; the embedded segmenter is small)
-    rates: list | None = None
-    projection_dim: int | None = None
-    zero_init: bool = False
-    init_from_aspp: bool = True
 
 
 @dataclass
@@ -65,17 +70,6 @@ class DataConfig:
     # them by 0.4 (objects as large relative to the crop as in the reference) lowered anomaly AP 36 -> 30.
     paste_scales: list = field(default_factory=lambda: [0.25, 0.5, 0.5, 0.75, 0.1, 0.125])
     num_workers: int = 2
-
-
-@dataclass
-class LossConfig:
-    ce: float = 1.0
-    entropy: float = 1.0
-    outlier: float = 0.05
-    contrastive: float = 2.0  # reference 1.0; the embedded default weighs CoroCL twice (README: why)
-    energy_loss: str = "hinge"
-    temperature: float = 0.10
-    max_samples: int = 512
 
 
 @dataclass
@@ -104,17 +98,40 @@ class TrainConfig:
     evaluate_after: bool = True  # run rpl-eval's default evaluation at the end (embedded default)
 
 
+def method_option_classes() -> dict[str, type]:
+    """``{method name: its Options dataclass}`` for every registered method that has options."""
+    from rpl.methods import available, get
+
+    return {name: get(name).Options for name in available() if getattr(get(name), "Options", None) is not None}
+
+
 @dataclass
 class Config:
-    segmenter: SegmenterConfig = field(default_factory=SegmenterConfig)
+    method: str = "rpl"  # the trained method: a name from rpl.methods.trainable()
+    segmenter: SegmenterSpec = field(default_factory=_embedded_segmenter)
     wrap: WrapConfig = field(default_factory=WrapConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
+    loss: LossWeights = field(default_factory=lambda: LossWeights(contrastive=2.0))  # reference 1.0 (README: why)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    options: dict = field(default_factory=lambda: {n: c() for n, c in method_option_classes().items()})
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """Plain data (lists, not tuples); each method's options as a top-level section of its name."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "options"}
+        d = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in d.items()}
+        d.update({name: dataclasses.asdict(opts) for name, opts in self.options.items()})
+        return json.loads(json.dumps(d))
+
+    def method_options(self, name: str) -> Any:
+        return self.options[name]
+
+    def __getattr__(self, name: str) -> Any:
+        """A method's options section by its name (``cfg.pebal``), like the fixed sections."""
+        options = self.__dict__.get("options") or {}
+        if not name.startswith("_") and name in options:
+            return options[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def data_path(self, name: str) -> Path:
         """A data path from the config: absolute, or relative to ``data.root``."""
@@ -155,6 +172,12 @@ def _check(value: Any, hint: Any, where: str) -> Any:
     elif hint is str:
         if isinstance(value, str):
             return value
+    elif origin is collections.abc.Sequence:
+        if isinstance(value, (list, tuple)):
+            return list(value)
+    elif hint is tuple or origin is tuple:
+        if isinstance(value, (list, tuple)):
+            return tuple(value)
     elif hint in (list, dict) or origin in (list, dict):
         if isinstance(value, (origin or hint)) or (hint is list and isinstance(value, tuple)):
             return list(value) if hint is list else value
@@ -241,7 +264,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if keys[-1] not in node and not (len(keys) > 2 and keys[-2] == "kwargs"):
             raise RPLInputError(f"--set {item!r}: unknown config key {'.'.join(keys)!r}.")
         node[keys[-1]] = value
-    return check_ranges(_build(Config, data))
+    return build_config(data)
+
+
+def build_config(data: dict[str, Any]) -> Config:
+    """A validated ``Config`` from plain data (``Config.to_dict()`` layout)."""
+    option_classes = method_option_classes()
+    sections = {k: v for k, v in data.items() if k not in option_classes}
+    cfg = _build(Config, sections)
+    cfg.options = {name: _build(cls, data.get(name, {}), name) for name, cls in option_classes.items()}
+    return check_ranges(cfg)
 
 
 def dump_config(config: Config) -> str:
@@ -262,9 +294,13 @@ RANGES = {
     "optim.iterations": ">= 1", "optim.poly_power": ">= 0", "optim.grad_clip": "> 0",
     "train.seed": ">= 0", "train.log_every": ">= 1", "train.checkpoint_every": ">= 1",
     "train.val_every": ">= 0", "train.val_limit": ">= 1", "train.max_nonfinite": ">= 1",
+    "pebal.ood_reg": ">= 0", "pebal.energy_weight": ">= 0", "pebal.sparsity": ">= 0", "pebal.smoothness": ">= 0",
 }
+# Free numeric keys (no range rule): normalisation constants (any value is a valid affine map) and PEBAL's
+# energy margins (energies, of any sign).
+FREE_NUMERIC = ("segmenter.mean", "segmenter.std", "pebal.m_in", "pebal.m_out")
 CHOICES = {"loss.energy_loss": ("hinge", "pebal"), "train.wandb": ("disabled", "offline", "online"),
-           "train.amp": ("auto", "bf16", "fp16", "off")}
+           "train.amp": ("auto", "bf16", "fp16", "off"), "pebal.tune": ("all", "last_block")}
 NOTES = {"train.val_every": " (0 turns validation off)", "data.crop_size": " (H and W)"}
 
 

@@ -56,25 +56,23 @@ from rich.progress import Progress, TaskID
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from rpl.conventions import IMAGENET_MEAN, IMAGENET_STD, VOID
 from rpl.errors import RPLInputError
 from rpl.memory import MemoryGuard
 from rpl.metrics import ComponentMetrics, MIoU, PixelMetrics
+from rpl.methods.mcdropout import DROPOUT_TYPES, dropout_copy  # noqa: F401  (re-exported)
 from rpl.progress import make_progress
-from rpl.scores import SCORES, entropy, smooth
+from rpl.scores import SCORES
 from rpl.visualize import overlay
-from rpl.wrapping import RPLSegmenter, extract_logits, wrapper_of
+from rpl.wrapping import extract_logits
 
-METHODS = ("rpl", "energy", "msp", "maxlogit", "entropy", "mcdropout")
 POST_HOC = tuple(SCORES)
 CLOSED_SET = "closed-set"  # the method name of mIoU rows
 BARE_SEGMENTER = "bare segmenter"  # the mIoU row of a wrapped model's segmenter without the add-on
 PIXEL_MODES = ("exact", "streaming", "smiyc")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 FPR_RULES = ("first", "closest")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-IGNORE = 255
-DROPOUT_TYPES = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+IGNORE = VOID
 
 VisualSink = Callable[[str, str, str, np.ndarray], None]  # (dataset, method, sample name, RGB overlay)
 
@@ -168,21 +166,24 @@ class EvalOptions:
         if self.memory_budget is not None and not self.memory_budget > 0:
             raise RPLInputError(f"--memory-budget must be a positive number of GB, got {self.memory_budget}.")
         if not self.methods:
-            raise RPLInputError("--methods is empty; expected one or more of " + ", ".join(METHODS) + ".")
+            from rpl.methods import available
+
+            raise RPLInputError("--methods is empty; expected one or more of " + ", ".join(available()) + ".")
         if self.compile is not None and self.compile not in COMPILE_MODES:
             raise RPLInputError(f"--compile {self.compile!r}: expected one of {', '.join(COMPILE_MODES)}.")
 
 
-def check_methods(methods: Iterable[str], wrapped: bool) -> tuple[str, ...]:
-    """Validated, de-duplicated method names in the given order."""
+def check_methods(methods: Iterable[str], model: nn.Module | None = None) -> tuple[str, ...]:
+    """Validated, de-duplicated method names in the given order (each must be registered and, when
+    ``model`` is given, able to score it)."""
+    from rpl.methods import available, get
+
     out: list[str] = []
     for m in methods:
-        if m not in METHODS:
-            raise RPLInputError(f"--methods: unknown method {m!r}; known methods: {', '.join(METHODS)}.")
-        if m == "rpl" and not wrapped:
-            raise RPLInputError("--methods rpl needs an RPL add-on: pass --checkpoint FILE (a checkpoint written by "
-                                "rpl-train), or leave rpl out to evaluate the post-hoc baselines of the bare "
-                                "segmenter.")
+        if m not in available():
+            raise RPLInputError(f"--methods: unknown method {m!r}; known methods: {', '.join(available())}.")
+        if model is not None:
+            get(m).check_model(model)
         if m not in out:
             out.append(m)
     return tuple(out)
@@ -277,23 +278,6 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     return {"groups": [_stack([it]) for it in items]}
 
 
-# -- MC dropout --------------------------------------------------------------------------------
-def dropout_copy(segmenter: nn.Module) -> nn.Module:
-    """A copy of ``segmenter`` in eval mode except its dropout layers, for MC dropout.
-
-    The copy keeps the frozen model itself in eval mode (its dropout never switches on). A segmenter
-    wrapped by RPL is copied without the wrapper's hooks (``RPLSegmenter.segmenter_copy``).
-    """
-    owner = wrapper_of(segmenter)
-    clone = owner.segmenter_copy() if owner is not None and owner.segmenter is segmenter else copy.deepcopy(segmenter)
-    clone.eval()
-    dropouts = [m for m in clone.modules() if isinstance(m, DROPOUT_TYPES) and m.p > 0]
-    if not dropouts:
-        raise RPLInputError(f"--methods mcdropout needs a segmenter with dropout layers, but "
-                            f"{type(segmenter).__name__} has none with p > 0; remove mcdropout from --methods.")
-    for m in dropouts:
-        m.train()
-    return clone
 
 
 # -- the engine --------------------------------------------------------------------------------
@@ -356,8 +340,10 @@ class Evaluator:
         self.options = options or EvalOptions()
         self.options.check()
         self.preprocess = preprocess or Preprocess()
-        self.wrapped = isinstance(model, RPLSegmenter)
-        self.methods = check_methods(self.options.methods, self.wrapped)
+        from rpl.methods import get
+
+        self.wrapped = hasattr(model, "segmenter")  # a method's model around a segmenter (add-on, fine-tuned)
+        self.methods = check_methods(self.options.methods, model)
         self.device = torch.device(device) if device is not None else _model_device(model)
         self.model = model.to(self.device).eval()
         # compiled kernels may round differently from eager ones; the identity check below always
@@ -365,7 +351,7 @@ class Evaluator:
         self.forward_model = self.model if self.options.compile is None else torch.compile(
             self.model, mode=self.options.compile, backend=self.options.compile_backend, dynamic=False)
         self.segmenter = model.segmenter if self.wrapped else model
-        self.mc_model = dropout_copy(self.segmenter) if "mcdropout" in self.methods else None
+        self.scorers = {m: get(m).scorer(self.model, self.options) for m in self.methods}
         self.on_visual = on_visual
         self.console = console
         self.memory = MemoryGuard(self.model, self.device, self.options.memory_budget, self.wrapped)
@@ -380,29 +366,9 @@ class Evaluator:
             return out.logits, out
         return extract_logits(out), None
 
-    def _mc_entropy(self, x: torch.Tensor) -> torch.Tensor:
-        total = None
-        for _ in range(self.options.mc_samples):
-            with self._autocast():
-                logits = extract_logits(self.mc_model(x))
-            e = entropy(logits)
-            total = e if total is None else total + e
-        return total / self.options.mc_samples
-
     def scores(self, x: torch.Tensor, logits: torch.Tensor, out: Any) -> dict[str, torch.Tensor]:
-        """Every requested method's ``(B, h, w)`` score map from one forward's outputs."""
-        result = {}
-        for m in self.methods:
-            if m == "rpl":
-                s = out.anomaly
-            elif m == "mcdropout":
-                s = self._mc_entropy(x)
-            else:
-                s = SCORES[m](logits)
-                if self.options.smooth_baselines:
-                    s = smooth(s)
-            result[m] = s
-        return result
+        """Every requested method's ``(B, h, w)`` score map from one forward's outputs (``rpl.methods``)."""
+        return {m: scorer(x, logits, out) for m, scorer in self.scorers.items()}
 
     # one dataset ------------------------------------------------------------------------------
     def evaluate_dataset(self, entry: DatasetEntry, progress: Progress | None = None,

@@ -11,10 +11,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from rpl.conventions import OUTLIER, VOID
 from rpl.errors import RPLInputError
 
-OUTLIER = 254
-VOID = 255
 ENERGY_LOSSES = ("hinge", "pebal")
 
 

@@ -1,13 +1,16 @@
-"""The RPL trainer behind ``rpl-train``: outlier exposure, mixed precision, DDP, atomic resumable checkpoints.
+"""The trainer behind ``rpl-train``: any trainable method (``rpl.methods``), outlier exposure, mixed
+precision, DDP, a NaN guard and atomic resumable checkpoints.
 
-Only the add-on trains. The frozen segmenter's parameters never require grad, so its forward
-records no autograd graph; the graph starts at the residual block and runs through the second
-head pass. With ``torchrun`` only the add-on is wrapped in DDP.
+One home per concept: :func:`build_trainer` turns a config into the parts (device and process
+group, segmenter, the method's model, optimiser, data); :class:`Trainer` takes a method, a model,
+an optimiser and the data and runs the loop; the method (``rpl.methods.<name>``) owns its model,
+which parameters train, its loss and its checkpoint. With ``torchrun`` the method wraps its
+trainable part in DDP (RPL: the add-on only; PEBAL: the whole tuned segmenter).
 
 Reproducibility: the data order comes from ``(seed, epoch)`` (``ShardedOrder``), each sample's
-randomness from ``(seed, epoch, index)`` (``OutlierExposureDataset``) and CoroCL's sampling from a
-dedicated generator, all saved in ``last.pt``: a killed run resumed with ``--resume`` reaches the
-same weights as an uninterrupted one on CPU.
+randomness from ``(seed, epoch, index)`` (``OutlierExposureDataset``) and a method's own sampling
+(CoroCL) from a dedicated generator, all saved in ``last.pt``: a killed run resumed with
+``--resume`` reaches the same weights as an uninterrupted one on CPU.
 """
 from __future__ import annotations
 
@@ -24,12 +27,11 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Sampler
 
-import rpl
-from rpl.blocks import BlockConfig
-from rpl.checkpoint import fingerprint
+from rpl.checkpoint import fingerprint, is_checkpoint, read_metadata
 from rpl.config import REPO_ROOT, Config, dump_config
+from rpl.conventions import OUTLIER, VOID
 from rpl.errors import RPLInputError
-from rpl.losses import LossWeights, rpl_loss
+from rpl.methods.base import Method, TrainContext
 from rpl.models.loading import SHIPPED_WEIGHTS, SegmenterSpec, build_segmenter
 from rpl.workdir import (RUN_FILES, changes_comment, check_resume_config, check_work_dir,  # noqa: F401 (RUN_FILES)
                          new_run_id, safetensors_step)
@@ -127,16 +129,36 @@ def segmenter_spec(cfg: Config) -> SegmenterSpec:
     return SegmenterSpec.from_dict(asdict(cfg.segmenter))
 
 
-def build_wrapped(cfg: Config, device: torch.device) -> tuple[Any, SegmenterSpec]:
+def build_base_segmenter(cfg: Config, device: torch.device) -> tuple[torch.nn.Module, SegmenterSpec]:
+    """The segmenter of ``cfg.segmenter`` on ``device`` (weights may be a fine-tuned method's checkpoint)."""
     spec = segmenter_spec(cfg)
     segmenter = build_segmenter(spec, base_dir=REPO_ROOT).to(device)
     if cfg.train.channels_last:
         segmenter = segmenter.to(memory_format=torch.channels_last)
-    w = cfg.wrap
-    block = BlockConfig(width=w.width, rates=w.rates, projection_dim=w.projection_dim, zero_init=w.zero_init,
-                        init_from_aspp=w.init_from_aspp)
-    model = rpl.wrap(segmenter, head=w.head, feature=w.feature, block=block).train()  # wrap returns eval mode
-    return model, spec
+    return segmenter, spec
+
+
+def build_model(cfg: Config, device: torch.device) -> tuple[Method, torch.nn.Module, SegmenterSpec, str]:
+    """The method of ``cfg.method``, its model on the base segmenter, the spec and the base's fingerprint."""
+    from rpl.methods import get
+
+    method = get(cfg.method)
+    if not method.trainable:
+        from rpl.methods import trainable
+
+        raise RPLInputError(f"method={cfg.method!r} does not train (a {method.kind} score); rpl-train --method accepts "
+                            f"{', '.join(trainable())}.")
+    segmenter, spec = build_base_segmenter(cfg, device)
+    base_fingerprint = fingerprint(segmenter)
+    return method, method.build(segmenter, cfg), spec, base_fingerprint
+
+
+def build_wrapped(cfg: Config, device: torch.device) -> tuple[Any, SegmenterSpec]:
+    """The RPL-wrapped base segmenter of ``cfg`` (whatever ``cfg.method`` says); for benchmarks and tests."""
+    from rpl.methods import get
+
+    segmenter, spec = build_base_segmenter(cfg, device)
+    return get("rpl").build(segmenter, cfg), spec
 
 
 def prepare_datasets(cfg: Config, d: Dist) -> tuple[Any, Any]:
@@ -172,10 +194,11 @@ def prepare_datasets(cfg: Config, d: Dist) -> tuple[Any, Any]:
 
 
 def parameter_groups(addon: torch.nn.Module, lr: float, last_mult: float) -> list[dict[str, Any]]:
-    """Adam groups as the reference: the block at ``lr``, its last 1x1 at ``last_mult * lr``."""
-    last = {id(p) for p in addon.block.residual.parameters()}
-    rest = [p for p in addon.parameters() if id(p) not in last]
-    return [{"params": rest, "lr": lr}, {"params": list(addon.block.residual.parameters()), "lr": lr * last_mult}]
+    """RPL's Adam groups for a bare add-on (``rpl.methods.rpl.RPL.parameter_groups`` on a model)."""
+    last = list(addon.block.residual.parameters())
+    last_ids = {id(p) for p in last}
+    return [{"params": [p for p in addon.parameters() if id(p) not in last_ids], "lr": lr},
+            {"params": last, "lr": lr * last_mult}]
 
 
 def poly_lambda(total: int, power: float):
@@ -200,46 +223,92 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
+LOSS_LINE_KEYS = ("total", "ce", "entropy", "outlier", "contrastive", "gambler_in", "gambler_out", "energy")
+class TrainingData:
+    """The training set with its resumable sharded order, and the held-out validation set."""
+
+    def __init__(self, train_set: Any, val_set: Any, cfg: Config, d: "Dist", device: torch.device):
+        self.train_set, self.val_set, self.cfg, self.device = train_set, val_set, cfg, device
+        self.order = ShardedOrder(len(train_set), cfg.optim.batch_size, cfg.train.seed, d.rank, d.world)
+
+    def loader(self, epoch: int, start_step: int) -> DataLoader:
+        """Batches of ``epoch`` from step ``start_step`` on (this rank's shard)."""
+        self.train_set.set_epoch(epoch)
+        self.order.set_epoch(epoch, start_step * self.cfg.optim.batch_size)
+        return DataLoader(self.train_set, batch_size=self.cfg.optim.batch_size, sampler=self.order,
+                          num_workers=self.cfg.data.num_workers, pin_memory=self.device.type == "cuda",
+                          drop_last=True, persistent_workers=False)
+
+    def val_loader(self) -> DataLoader:
+        self.val_set.set_epoch(0)
+        limit = self.cfg.train.val_limit
+        n = len(self.val_set) if limit is None else min(len(self.val_set), limit)
+        return DataLoader(torch.utils.data.Subset(self.val_set, range(n)), batch_size=self.cfg.optim.batch_size,
+                          num_workers=self.cfg.data.num_workers)
+
+
+def build_trainer(cfg: Config, work_dir: str | Path, resume: bool = False, quiet: bool = False,
+                  overwrite: bool = False, run_id: str | None = None,
+                  allow_changes: tuple[str, ...] = ()) -> "Trainer":
+    """Everything ``rpl-train`` needs from a config: process group, method and model, optimiser, data.
+
+    ``run_id`` is the work-dir lock's id (on every log row); ``allow_changes`` the config keys a resumed
+    run may change (``--allow-changes``).
+    """
+    check_work_dir(Path(work_dir), resume, overwrite, main=int(os.environ.get("RANK", "0")) == 0)
+    device = resolve_device(cfg.train.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    d = init_distributed(device)
+    torch.manual_seed(cfg.train.seed)
+    method, model, spec, base_fingerprint = build_model(cfg, device)
+    train_set, val_set = prepare_datasets(cfg, d)
+    data = TrainingData(train_set, val_set, cfg, d, device)
+    optimizer = torch.optim.Adam(method.parameter_groups(model, cfg.optim), lr=cfg.optim.lr)
+    trainer = Trainer(method, model, optimizer, data, cfg, work_dir, d=d, device=device, spec=spec,
+                      base_fingerprint=base_fingerprint, quiet=quiet, run_id=run_id)
+    if resume:
+        trainer.resume(allow_changes)
+    elif d.main:
+        (trainer.work_dir / "config.yaml").write_text(dump_config(cfg))
+    trainer.start_logging()
+    return trainer
+
+
 class Trainer:
-    def __init__(self, cfg: Config, work_dir: str | Path, resume: bool = False, quiet: bool = False,
-                 overwrite: bool = False, run_id: str | None = None, allow_changes: tuple[str, ...] = ()):
-        self.cfg, self.work_dir, self.quiet = cfg, Path(work_dir), quiet
-        self.run_id, self.allow_changes, self.resume_changes = run_id or new_run_id(), allow_changes, []
-        check_work_dir(self.work_dir, resume, overwrite, main=int(os.environ.get("RANK", "0")) == 0)
-        self.device = resolve_device(cfg.train.device)
-        if self.device.type == "cuda":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        self.d = init_distributed(self.device)
+    """Runs a method's training: steps with AMP and the NaN guard, validation, atomic checkpoints, resume.
+
+    ``data`` and ``work_dir`` may be ``None`` for a trainer that only steps on given batches (benchmarks).
+    """
+
+    def __init__(self, method: Method, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 data: TrainingData | None, cfg: Config, work_dir: str | Path | None, *, d: "Dist | None" = None,
+                 device: torch.device | None = None, spec: SegmenterSpec | None = None,
+                 base_fingerprint: str | None = None, quiet: bool = False, total_steps: int | None = None,
+                 run_id: str | None = None):
+        self.method, self.model, self.optimizer, self.data, self.cfg = method, model, optimizer, data, cfg
+        self.run_id, self.resume_changes = run_id or new_run_id(), []
+        self.work_dir, self.quiet = (Path(work_dir) if work_dir is not None else None), quiet
+        self.d = d or Dist()
+        self.device = device or torch.device("cpu")
+        self.spec = spec or segmenter_spec(cfg)
+        self.base_fingerprint = base_fingerprint or ""
         self.amp, self.amp_dtype, use_scaler = amp_settings(cfg.train.amp, self.device)
-        torch.manual_seed(cfg.train.seed)
-        self.model, self.spec = build_wrapped(cfg, self.device)
-        self.base_fingerprint = fingerprint(self.model.segmenter)
-        self.train_set, self.val_set = prepare_datasets(cfg, self.d)
         o = cfg.optim
-        self.order = ShardedOrder(len(self.train_set), o.batch_size, cfg.train.seed, self.d.rank, self.d.world)
-        self.total_steps = o.iterations or o.epochs * self.order.steps_per_epoch
-        addon = self.model.addon
-        self.optimizer = torch.optim.Adam(parameter_groups(addon, o.lr, o.last_layer_lr_mult), lr=o.lr)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, poly_lambda(self.total_steps, o.poly_power))
+        steps_per_epoch = data.order.steps_per_epoch if data is not None else 1
+        self.total_steps = total_steps or o.iterations or o.epochs * steps_per_epoch
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_lambda(self.total_steps, o.poly_power))
         self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
-        self.loss_weights = LossWeights(**asdict(cfg.loss))
         self.loss_generator = torch.Generator().manual_seed(cfg.train.seed * 1000 + self.d.rank)
+        self.ctx = TrainContext(self.device, self.amp, self.amp_dtype, cfg.train.channels_last, self.loss_generator,
+                                cfg)
         self.progress = Progress()
         self._bar = None  # the live progress display while ``fit`` runs (validation adds its row to it)
         if self.d.active:
-            if self.device.type == "cuda":
-                addon = torch.nn.SyncBatchNorm.convert_sync_batchnorm(addon)
-            self.model.addon = torch.nn.parallel.DistributedDataParallel(
-                addon, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                find_unused_parameters=self.loss_weights.contrastive == 0)
-        if self.loss_weights.contrastive == 0:
-            self.model.return_embedding = False
-        self.work_dir.mkdir(parents=True, exist_ok=True)
-        if resume:
-            self._resume()
-        elif self.d.main:
-            (self.work_dir / "config.yaml").write_text(dump_config(cfg))
-        self._wandb = self._init_wandb()
+            self.model = method.distribute(model, self.device)
+        if self.work_dir is not None:
+            self.work_dir.mkdir(parents=True, exist_ok=True)
+        self._wandb = None
 
     # checkpoints ---------------------------------------------------------------------------
     def _recorded_weights(self) -> str | None:
@@ -267,15 +336,29 @@ class Trainer:
 
     def _extra(self, metrics: dict[str, Any] | None = None) -> dict[str, Any]:
         spec = self.spec.to_dict()
+        base_method = None
+        if spec.get("weights"):
+            wpath = Path(spec["weights"])
+            wpath = wpath if wpath.is_absolute() or wpath.exists() else REPO_ROOT / wpath
+            if wpath.suffix == ".safetensors" and is_checkpoint(wpath):  # e.g. RPL on a PEBAL-tuned segmenter
+                base_method = read_metadata(wpath)["method"]
         spec["weights"] = self._recorded_weights()
-        return {"segmenter": spec, "train_config": self.cfg.to_dict(), "step": self.progress.step,
-                "metrics": metrics or {}, "run_id": self.run_id, "resume_changes": self.resume_changes}
+        extra = {"segmenter": spec, "train_config": self.cfg.to_dict(), "step": self.progress.step,
+                 "metrics": metrics or {}, "run_id": self.run_id, "resume_changes": self.resume_changes}
+        if base_method:
+            extra["base_method"] = base_method
+        return extra
+
+    def _save_model(self, path: Path, metrics: dict[str, Any] | None) -> None:
+        self.method.save(path, self.method.unwrap(self.model), extra=self._extra(metrics),
+                         base_fingerprint=self.base_fingerprint)
 
     def save_checkpoint(self, metrics: dict[str, Any] | None = None) -> None:
         if not self.d.main:
             return
         state = {
-            "addon": self.model.bare_addon.state_dict(),
+            "method": self.method.name,
+            "model": self.method.training_state(self.method.unwrap(self.model)),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler else None,
@@ -287,10 +370,9 @@ class Trainer:
             "resume_changes": json.dumps(self.resume_changes),
         }
         atomic_torch_save(state, self.work_dir / "last.pt")
-        rpl.save(self.work_dir / "last.safetensors", self.model, extra=self._extra(metrics),
-                 base_fingerprint=self.base_fingerprint)
+        self._save_model(self.work_dir / "last.safetensors", metrics)
 
-    def _resume(self) -> None:
+    def resume(self, allow_changes: tuple[str, ...] = ()) -> None:
         path = self.work_dir / "last.pt"
         if not path.is_file():
             raise RPLInputError(f"--resume: {path} does not exist; expected the last.pt written by an earlier rpl-train "
@@ -299,15 +381,19 @@ class Trainer:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:
             raise RPLInputError(f"--resume: {path} could not be read ({type(err).__name__}: {err}).") from None
+        saved_method = state.get("method", "rpl")  # files from before methods were plug-ins are RPL's
+        if saved_method != self.method.name:
+            raise RPLInputError(f"--resume: {path} is a run of method {saved_method!r}, but this run trains "
+                                f"{self.method.name!r}; pass --method {saved_method} or use another --work-dir.")
         if state.get("base_fingerprint") != self.base_fingerprint:
             raise RPLInputError(f"--resume: {path} was trained on another segmenter (fingerprint differs); use the "
                                 "same segmenter weights or another --work-dir.")
-        changes = check_resume_config(json.loads(state["config"]), self.cfg.to_dict(), self.allow_changes,
-                                      str(path))
+        changes = check_resume_config(json.loads(state["config"]), self.cfg.to_dict(), allow_changes, str(path))
         record = {"step": state["progress"]["step"], "changes": {k: list(v) for k, v in changes.items()}}
         self.resume_changes = json.loads(state.get("resume_changes", "[]")) + ([record] if changes else [])
         configured = [g["initial_lr"] for g in self.optimizer.param_groups]  # this config's rates
-        self.model.bare_addon.load_state_dict(state["addon"])
+        self.method.load_training_state(self.method.unwrap(self.model), state["model"] if "model" in state
+                                        else state["addon"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         if self.scaler and state.get("scaler"):
@@ -333,35 +419,23 @@ class Trainer:
         """All ``total_steps`` are done (a resumed finished run has nothing left to train)."""
         return self.progress.step >= self.total_steps
 
-    def _init_wandb(self) -> Any:
+    def start_logging(self) -> None:
         mode = self.cfg.train.wandb
         if mode == "disabled" or not self.d.main:
-            return None
+            return
         try:
             import wandb
         except ImportError:
             raise RPLInputError(f"train.wandb={mode!r} but wandb is not installed; pip install wandb or set "
                                 "train.wandb=disabled.") from None
-        return wandb.init(project="rpl", mode=mode, dir=str(self.work_dir), config=self.cfg.to_dict())
+        self._wandb = wandb.init(project="rpl", mode=mode, dir=str(self.work_dir), config=self.cfg.to_dict())
 
     # one step ------------------------------------------------------------------------------
     def _forward_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        use_ctx = self.loss_weights.contrastive > 0
-        images = torch.cat([batch["image"], batch["context_image"]]) if use_ctx else batch["image"]
-        images = images.to(self.device, non_blocking=True)
-        if self.cfg.train.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        target = batch["target"].to(self.device, non_blocking=True)
-        b = target.shape[0]
-        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
-            out = self.model(images)
-        emb = out.embedding
-        ctx_target = batch["context_target"].to(self.device, non_blocking=True) if use_ctx else None
-        loss, parts = rpl_loss(out.anomaly_logits[:b], out.logits[:b], target,
-                               emb[:b] if emb is not None else None, emb[b:] if emb is not None else None,
-                               ctx_target, self.loss_weights, self.loss_generator)
-        parts["outlier_pixels"] = (target == 254).sum().float()
-        return loss, parts
+        return self.method.loss(self.model, batch, self.ctx)
+
+    def _loader(self, epoch: int, start_step: int) -> DataLoader:
+        return self.data.loader(epoch, start_step)
 
     def _all_finite(self, loss: torch.Tensor) -> bool:
         flag = torch.isfinite(loss.detach()).float().reshape(1)
@@ -372,12 +446,12 @@ class Trainer:
 
     def _describe_batch(self, batch: dict[str, torch.Tensor]) -> str:
         """Method, dataset and images of a batch, for messages about it."""
-        method = getattr(self.cfg, "method", "rpl")
+        method = self.method.name
         where = f"method {method}, dataset {self.cfg.data_path('inliers')} split {self.cfg.data.train_split}"
         index = batch.get("index")
         if index is None:
             return where
-        pairs = getattr(self.train_set, "inlier_pairs", None)
+        pairs = getattr(self.data.train_set, "inlier_pairs", None) if self.data is not None else None
         names = [str(pairs[i][0]) if pairs is not None else str(i) for i in index.tolist()]
         shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
         return f"{where}, images {shown} (with pasted outliers)"
@@ -399,7 +473,7 @@ class Trainer:
             return None
         self.progress.nonfinite_streak = 0
         clip = self.cfg.optim.grad_clip
-        params = list(self.model.trainable_parameters())
+        params = self.method.trainable_parameters(self.model)
         if self.scaler:
             self.scaler.scale(loss).backward()
             if clip:
@@ -428,43 +502,31 @@ class Trainer:
         with pasted held-out outliers."""
         from rpl.metrics import PixelMetrics
 
-        model, addon = self.model, self.model.addon
-        model.addon = model.bare_addon  # no DDP collectives from rank 0 alone
-        model.eval()
         metric = PixelMetrics(mode="streaming")
-        self.val_set.set_epoch(0)
-        n = len(self.val_set) if self.cfg.train.val_limit is None else min(len(self.val_set), self.cfg.train.val_limit)
-        loader = DataLoader(torch.utils.data.Subset(self.val_set, range(n)), batch_size=self.cfg.optim.batch_size,
-                            num_workers=self.cfg.data.num_workers)
         bar = self._bar
-        task = bar.add_task("val", total=n) if bar is not None else None
-        try:
-            for batch in loader:
-                images = batch["image"].to(self.device)
-                with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
-                    out = model(images)
-                target = batch["target"].to(self.device)
-                labels = torch.where(target == 254, 1, torch.where(target == 255, 255, 0)).to(torch.uint8)
-                metric.update(out.anomaly, labels)
+        loader = self.data.val_loader()
+        task = bar.add_task("val", total=len(loader.dataset)) if bar is not None else None
+        with self.method.validating(self.model) as model:
+            model.eval()
+            try:
+                for batch in loader:
+                    images = batch["image"].to(self.device)
+                    with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp):
+                        out = model(images)
+                    target = batch["target"].to(self.device)
+                    labels = torch.where(target == OUTLIER, 1, torch.where(target == VOID, VOID, 0)).to(torch.uint8)
+                    metric.update(out.anomaly, labels)
+                    if task is not None:
+                        bar.advance(task, len(images))
+            finally:
                 if task is not None:
-                    bar.advance(task, len(images))
-        finally:
-            if task is not None:
-                bar.remove_task(task)
-            model.addon = addon
-            model.train()
+                    bar.remove_task(task)
+                model.train()
         # the thresholds go into the checkpoint, so that rpl-predict can threshold masks without labels
         kept = ("auroc", "ap", "fpr95", "fpr95_threshold", "best_f1", "best_f1_threshold")
         return {k: float(v) for k, v in metric.compute().items() if k in kept}
 
     # loop ------------------------------------------------------------------------------------
-    def _loader(self, epoch: int, start_step: int) -> DataLoader:
-        self.train_set.set_epoch(epoch)
-        self.order.set_epoch(epoch, start_step * self.cfg.optim.batch_size)
-        return DataLoader(self.train_set, batch_size=self.cfg.optim.batch_size, sampler=self.order,
-                          num_workers=self.cfg.data.num_workers, pin_memory=self.device.type == "cuda",
-                          drop_last=True, persistent_workers=False)
-
     def _log(self, record: dict[str, Any]) -> None:
         if not self.d.main:
             return
@@ -475,8 +537,7 @@ class Trainer:
 
     def _loss_line(self, losses: dict[str, float] | None, lr: float) -> str:
         """``step 10/150: total 14.4 ce 0.162 ... lr 4.7e-04``: the periodic log line above the bar."""
-        shown = " ".join(f"{k} {losses[k]:.3g}" for k in ("total", "ce", "entropy", "outlier", "contrastive")
-                         if k in (losses or {}))
+        shown = " ".join(f"{k} {losses[k]:.3g}" for k in LOSS_LINE_KEYS if k in (losses or {}))
         return f"step {self.progress.step}/{self.total_steps}: {shown or 'step skipped'} lr {lr:.1e}"
 
     def fit(self) -> dict[str, Any]:
@@ -486,7 +547,7 @@ class Trainer:
         show = not self.quiet and self.d.main
         bar = make_progress(enabled=show)
         self._bar = bar if show else None
-        images_per_step = cfg.optim.batch_size * self.d.world * (2 if self.loss_weights.contrastive > 0 else 1)
+        images_per_step = cfg.optim.batch_size * self.d.world * self.method.images_per_step(cfg)
         started, step_times, last = time.perf_counter(), [], None
         val_metrics: dict[str, float] = {}
         with bar:
@@ -522,9 +583,9 @@ class Trainer:
                     p.epoch_step = 0
         elapsed = time.perf_counter() - started
         summary = {"rank_param_max_diff": self._rank_param_diff()} if self.d.active else {}
-        summary |= {"steps": p.step, "seconds": elapsed, "skipped_steps": p.skipped, "best_ap": p.best_ap,
-                   "best_step": p.best_step, "last_losses": last, "val": val_metrics,
-                   "work_dir": str(self.work_dir)}
+        summary |= {"method": self.method.name, "steps": p.step, "seconds": elapsed, "skipped_steps": p.skipped,
+                    "best_ap": p.best_ap, "best_step": p.best_step, "last_losses": last, "val": val_metrics,
+                    "work_dir": str(self.work_dir)}
         if self.d.main:
             (self.work_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         if self._wandb is not None:
@@ -532,9 +593,9 @@ class Trainer:
         return summary
 
     def _rank_param_diff(self) -> float:
-        """Largest difference between any rank's add-on parameters and rank 0's (0.0 when in sync)."""
+        """Largest difference between any rank's trained parameters and rank 0's (0.0 when in sync)."""
         diff = torch.zeros((), device=self.device)
-        for param in self.model.bare_addon.parameters():
+        for param in self.method.trainable_parameters(self.model):
             ref = param.detach().clone()
             dist.broadcast(ref, 0)
             diff = torch.maximum(diff, (ref - param.detach()).abs().max())
@@ -554,8 +615,7 @@ class Trainer:
                     soft_wrap=True, highlight=False)
             if best:
                 self.progress.best_ap, self.progress.best_step = metrics["ap"], self.progress.step
-                rpl.save(self.work_dir / "best.safetensors", self.model,
-                         extra=self._extra({"val": metrics}), base_fingerprint=self.base_fingerprint)
+                self._save_model(self.work_dir / "best.safetensors", {"val": metrics})
         if self.d.active:  # every rank keeps the same best_ap so resumed runs agree
             best = torch.tensor([self.progress.best_ap, float(self.progress.best_step)], device=self.device)
             dist.broadcast(best, 0)

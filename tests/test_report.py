@@ -253,6 +253,7 @@ def test_rpl_train_final_evaluation_writes_the_report(monkeypatch, tmp_path):
 
         def __init__(self, cfg, work_dir, **options):
             self.d = types.SimpleNamespace(main=True)
+            self.method = types.SimpleNamespace(name=cfg.method)
 
         def fit(self):
             return {"steps": 1, "seconds": 0.0, "skipped_steps": 0, "best_ap": 0.5, "best_step": 1}
@@ -261,7 +262,7 @@ def test_rpl_train_final_evaluation_writes_the_report(monkeypatch, tmp_path):
             pass
 
     calls = []
-    monkeypatch.setattr(rpl.training, "Trainer", FakeTrainer)
+    monkeypatch.setattr(rpl.training, "build_trainer", FakeTrainer)
     monkeypatch.setattr(cli, "main", lambda argv: calls.append(argv) or 0)
     work = tmp_path / "work"
     assert train_cli.main(["--work-dir", str(work), "--quiet"]) == 0
@@ -316,3 +317,26 @@ def test_report_of_any_methods_and_segmenters(tmp_path):
     assert all((tmp_path / "r" / s).is_file() for s in parsed.sources) and len(parsed.sources) == 2 * 3
     assert len([c for c in parsed.iou_cells if c["key"] == "iou_0"]) == 3 and "iou_1" not in \
         {c["key"] for c in parsed.iou_cells}
+
+
+def test_report_of_several_checkpoints_names_each_row(built):
+    """rpl-eval with several --checkpoint writes one report whose curves carry the table's row names."""
+    out, _, _, _ = built
+    root = out.parent
+    torch.manual_seed(1)
+    segmenter = rpl.models.build_segmenter(
+        SegmenterSpec(model="rpl.models:build_model", kwargs=KWARGS, weights="segmenter.safetensors"), root).eval()
+    spec = SegmenterSpec(model="rpl.models:build_model", kwargs=KWARGS, weights="segmenter.safetensors")
+    other = rpl.save(root / "addon2.safetensors", rpl.wrap(segmenter, block={"width": 16}),
+                     extra={"segmenter": spec.to_dict()})
+    many = root / "report_many"
+    code = cli.main(["--checkpoint", str(root / "addon.safetensors"), "--checkpoint", str(other), "--quiet",
+                     "--data-root", str(root / "data"), "--datasets", "synthstreets-anomaly", "--num-workers", "0",
+                     "--methods", "rpl,energy", "--report", str(many), "--json", str(root / "many.json")])
+    assert code == 0
+    methods = [r["method"] for r in json.loads((root / "many.json").read_text())["results"]]
+    assert sorted(methods) == ["energy", "rpl", "rpl (addon2)"]
+    page = Page()
+    page.feed((many / "index.html").read_text(encoding="utf-8"))
+    for legend in page.legends["synthstreets-anomaly"]:  # one curve per table row, under its name
+        assert sorted(t.split("  ")[0] for t in legend) == sorted(methods)

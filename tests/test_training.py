@@ -17,7 +17,7 @@ import rpl
 import rpl.cli.eval as eval_cli
 from rpl.cli.train import main as train_main
 from rpl.config import load_config
-from rpl.training import ShardedOrder, Trainer
+from rpl.training import ShardedOrder, build_trainer
 from train_world import make_world, overrides
 
 REPO = Path(__file__).resolve().parent.parent
@@ -31,7 +31,7 @@ def world(tmp_path_factory) -> Path:
 def test_loss_decreases_and_base_is_untouched(world, tmp_path):
     cfg = load_config(None, overrides(world, steps=12, **{"train.checkpoint_every": 100, "train.val_every": 100,
                                                            "optim.lr": 2e-3, "data.flip_p": 0.0}))
-    trainer = Trainer(cfg, tmp_path / "run", quiet=True)
+    trainer = build_trainer(cfg, tmp_path / "run", quiet=True)
     base_before = {k: v.clone() for k, v in trainer.model.segmenter.state_dict().items()}
     batch = next(iter(trainer._loader(0, 0)))
     trainer.model.eval()

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from rpl.cli.train import main as train_main
 from rpl.config import load_config
 from rpl.errors import RPLInputError
-from rpl.training import Trainer
+from rpl.training import build_trainer
 from rpl.workdir import (LOCK_NAME, WorkDirLock, check_resume_config, config_changes, hold_work_dir,
                          remove_stale_temporaries, safetensors_step)
 from train_world import make_world, overrides
@@ -59,7 +59,7 @@ def test_second_run_is_refused_at_once_with_the_holders_pid(world, tmp_path, cap
         def no_model(*a, **k):
             raise AssertionError("the model was built although the work dir is taken")
 
-        monkeypatch.setattr(rpl.training, "build_wrapped", no_model)
+        monkeypatch.setattr(rpl.training, "build_model", no_model)
         assert train_main(["--work-dir", str(work), "--quiet", *_sets(overrides(world))]) == 2
         err = capsys.readouterr().err
         holder = json.loads((work / LOCK_NAME).read_text())
@@ -180,28 +180,28 @@ def test_allow_changes_needs_resume(tmp_path, capsys):
 
 # -- checkpoint pair, NaN message -----------------------------------------------------------------
 def test_checkpoint_pair_is_consistent_after_a_kill_between_the_writes(world, tmp_path, monkeypatch):
-    import rpl.training
+    import rpl.checkpoint
 
     work = tmp_path / "run"
     cfg = load_config(None, overrides(world, steps=3, **{"train.val_every": 0, "train.checkpoint_every": 1}))
-    real_save = rpl.save
+    real_save = rpl.checkpoint.save
 
     def dies_at_step_2(path, model, extra=None, **kw):
         if Path(path).name == "last.safetensors" and extra["step"] == 2:
             raise KeyboardInterrupt  # killed after last.pt was renamed into place, before last.safetensors
         return real_save(path, model, extra=extra, **kw)
 
-    monkeypatch.setattr(rpl.training.rpl, "save", dies_at_step_2)
-    trainer = Trainer(cfg, work, quiet=True)
+    monkeypatch.setattr(rpl.checkpoint, "save", dies_at_step_2)
+    trainer = build_trainer(cfg, work, quiet=True)
     with pytest.raises(KeyboardInterrupt):
         trainer.fit()
     assert torch.load(work / "last.pt", weights_only=True)["progress"]["step"] == 2
     assert safetensors_step(work / "last.safetensors") == 1  # one save behind
-    monkeypatch.setattr(rpl.training.rpl, "save", real_save)
+    monkeypatch.setattr(rpl.checkpoint, "save", real_save)
 
-    resumed = Trainer(cfg, work, resume=True, quiet=True)
+    resumed = build_trainer(cfg, work, resume=True, quiet=True)
     assert safetensors_step(work / "last.safetensors") == 2  # rewritten from last.pt on resume
-    state = torch.load(work / "last.pt", weights_only=True)["addon"]
+    state = torch.load(work / "last.pt", weights_only=True)["model"]
     weights = load_file(str(work / "last.safetensors"))
     assert all(torch.equal(state[k], weights[k]) for k in weights)
     assert resumed.fit()["steps"] == 3 and safetensors_step(work / "last.safetensors") == 3
@@ -209,7 +209,7 @@ def test_checkpoint_pair_is_consistent_after_a_kill_between_the_writes(world, tm
 
 def test_nonfinite_message_names_method_dataset_and_images(world, tmp_path):
     cfg = load_config(None, overrides(world, steps=4, **{"train.max_nonfinite": 1, "train.val_every": 0}))
-    trainer = Trainer(cfg, tmp_path / "run", quiet=True)
+    trainer = build_trainer(cfg, tmp_path / "run", quiet=True)
     trainer._forward_loss = lambda batch: (torch.tensor(float("nan")), {})
     with pytest.raises(RPLInputError) as err:
         trainer.fit()

@@ -8,7 +8,7 @@ of street crops with pasted outliers (254) plus as many CoroCL context images, w
 losses (``rpl.losses.rpl_loss``) and Adam groups:
 
 - ``ours``: the real ``Trainer._forward_loss`` + ``Trainer.step`` (a ``Trainer`` whose data
-  loading is left out), with the config's precision and memory format: on CPU the embedded
+  loading is left out, built as ``rpl.training.build_trainer`` builds it), with the config's precision and memory format: on CPU the embedded
   default is fp32 and contiguous (``train.amp=auto`` means fp32 on CPU); on CUDA bf16 autocast
   and ``channels_last``. The ``channels_last`` row on CPU is the option a user can switch on
   (``train.channels_last``). bf16 autocast is left out on CPU: without bf16 units (AVX-512 BF16
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -40,9 +39,8 @@ from common import (MB, PeakMemory, add_common_arguments, describe, machine,  # 
                     markdown_table, median, run_worker, served_as_worker, time_calls,
                     write_json)
 from rpl.config import Config  # noqa: E402
-from rpl.losses import LossWeights, rpl_loss  # noqa: E402
-from rpl.training import (Dist, Progress, Trainer, amp_settings, build_wrapped, parameter_groups,  # noqa: E402
-                          poly_lambda)
+from rpl.losses import rpl_loss  # noqa: E402
+from rpl.training import Trainer, build_model, build_wrapped, parameter_groups, poly_lambda  # noqa: E402
 from rpl.wrapping import extract_logits  # noqa: E402
 
 TORCHVISION_R101 = "torchvision.models.segmentation:deeplabv3_resnet101"
@@ -95,27 +93,15 @@ def make_batch(batch: int, crop: tuple[int, int], num_classes: int = 19, seed: i
             "context_image": torch.randn(batch, 3, h, w, generator=g), "context_target": context_target}
 
 
-class StepTrainer(Trainer):
-    """A ``Trainer`` without data sets, checkpoints or logging: the model, optimiser, schedule and
-    loss state exactly as ``Trainer.__init__`` builds them, so ``step`` and ``_forward_loss`` are
-    the real ones."""
-
-    def __init__(self, cfg: Config, total_steps: int = 1000):  # noqa: super().__init__ would load data
-        self.cfg, self.quiet, self.d = cfg, True, Dist()
-        self.device = torch.device(cfg.train.device)
-        self.amp, self.amp_dtype, use_scaler = amp_settings(cfg.train.amp, self.device)
-        torch.manual_seed(cfg.train.seed)
-        self.model, self.spec = build_wrapped(cfg, self.device)
-        o = cfg.optim
-        self.total_steps = total_steps
-        self.optimizer = torch.optim.Adam(parameter_groups(self.model.addon, o.lr, o.last_layer_lr_mult), lr=o.lr)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, poly_lambda(total_steps, o.poly_power))
-        self.scaler = torch.amp.GradScaler("cuda") if use_scaler else None
-        self.loss_weights = LossWeights(**asdict(cfg.loss))
-        self.loss_generator = torch.Generator().manual_seed(cfg.train.seed * 1000)
-        self.progress = Progress()
-        if self.loss_weights.contrastive == 0:
-            self.model.return_embedding = False
+def StepTrainer(cfg: Config, total_steps: int = 1000) -> Trainer:
+    """The real ``Trainer`` (method, model, optimiser, schedule and loss state as ``build_trainer`` makes
+    them) without data sets, checkpoints or logging, so ``step`` and ``_forward_loss`` are the real ones."""
+    device = torch.device(cfg.train.device)
+    torch.manual_seed(cfg.train.seed)
+    method, model, spec, base = build_model(cfg, device)
+    optimizer = torch.optim.Adam(method.parameter_groups(model, cfg.optim), lr=cfg.optim.lr)
+    return Trainer(method, model, optimizer, None, cfg, None, device=device, spec=spec, base_fingerprint=base,
+                   quiet=True, total_steps=total_steps)
 
 
 class ReferenceStep:
@@ -128,7 +114,7 @@ class ReferenceStep:
         o = cfg.optim
         self.optimizer = torch.optim.Adam(parameter_groups(self.model.addon, o.lr, o.last_layer_lr_mult), lr=o.lr)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, poly_lambda(total_steps, o.poly_power))
-        self.weights = LossWeights(**asdict(cfg.loss))
+        self.weights = cfg.loss
         self.generator = torch.Generator().manual_seed(cfg.train.seed * 1000)
 
     def forward_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -1,14 +1,17 @@
 """``rpl-eval``: pixel-level anomaly metrics (AUROC, AP, FPR@95) of RPL and post-hoc baselines.
 
 Examples:
-  rpl-eval                                     # shipped SynthStreets add-on on the embedded test sets
+  rpl-eval                                     # every shipped method + post-hoc scores on the embedded sets
+  rpl-eval --checkpoint weights/rpl_synthstreets.safetensors --checkpoint work_dirs/pebal/best.safetensors
   rpl-eval --checkpoint work_dirs/rpl/best.safetensors --datasets fs-laf,road-anomaly --data-root /data
   rpl-eval --model torchvision.models.segmentation:deeplabv3_resnet101 --weights seg.pth \\
            --model-kwargs '{"weights": null, "weights_backbone": null, "num_classes": 19}' \\
            --methods energy,msp,maxlogit,entropy,mcdropout --datasets fs-laf --data-root /data
 
 The segmenter comes from the checkpoint's metadata (written by rpl-train), or from --model/--weights
-(weights read with torch.load(weights_only=True) or safetensors). A checkpoint may only name a listed
+(weights read with torch.load(weights_only=True) or safetensors). With several checkpoints, each
+model is run once per image and scored with its own method; the post-hoc scores come from the
+first checkpoint's segmenter; one mIoU row per distinct segmenter. A checkpoint may only name a listed
 factory (rpl.models.factories) and weights next to it; --model (yours), or --trust-checkpoint after
 reading the call the refusal prints, builds any other. Method ``rpl`` needs a checkpoint;
 ``energy``, ``msp``, ``maxlogit`` and ``entropy`` score the closed-set logits of the same forward
@@ -39,6 +42,9 @@ from rpl.errors import RPLInputError
 
 WEIGHTS_DIR = Path(rpl.__file__).resolve().parent.parent / "weights"
 DEFAULT_CHECKPOINT = WEIGHTS_DIR / "rpl_synthstreets.safetensors"
+# what rpl-eval with no arguments compares (the first is required, the others are used when shipped)
+DEFAULT_CHECKPOINTS = (DEFAULT_CHECKPOINT, WEIGHTS_DIR / "pebal_synthstreets.safetensors",
+                       WEIGHTS_DIR / "pebal_rpl_synthstreets.safetensors")
 DEFAULT_DATA_ROOT = Path("data/synthstreets")
 DEFAULT_DATASETS = ("synthstreets-anomaly", "synthstreets-rural", "synthstreets-obstacle", "cityscapes-val")
 WRAPPED_METHODS = ("rpl", "energy", "msp", "maxlogit", "entropy")
@@ -51,8 +57,10 @@ COMPONENT_KEYS = ("siou", "ppv", "mean_f1")
 
 def build_parser() -> argparse.ArgumentParser:
     p = make_parser("rpl-eval", __doc__)
-    p.add_argument("--checkpoint", metavar="FILE", help="RPL add-on (.safetensors from rpl-train); default: the shipped "
-                                        "weights/rpl_synthstreets.safetensors when --model is not given")
+    p.add_argument("--checkpoint", action="append", metavar="FILE_OR_DIR",
+                   help="a checkpoint of any method (.safetensors from rpl-train), or a folder of them; repeat it "
+                        "to compare methods in one table (default: every shipped checkpoint in weights/ when "
+                        "--model is not given)")
     p.add_argument("--datasets", metavar="A,B", help="comma-separated dataset names, among: " + ", ".join(dataset_names()) +
                                       " (default: the SynthStreets test sets and cityscapes-val under "
                                       "data/synthstreets)")
@@ -169,6 +177,8 @@ class Source:
     checkpoint: Path | None
     spec: SegmenterSpec
     base_dir: Path | None  # relative weight paths in a checkpoint's spec are relative to its folder
+    method: str | None = None  # the checkpoint's method (rpl.methods)
+    base_method: str | None = None  # the method whose tuned segmenter the checkpoint's method sits on
     recorded: bool = False  # spec read from the checkpoint (checked), not written by the user
     trust_checkpoint: bool = False
     weights: str | None = None  # the user's --weights, replacing the recorded file
@@ -187,7 +197,10 @@ def resolve_source(args: argparse.Namespace) -> Source:
     if args.model is None and args.model_kwargs is not None:
         raise RPLInputError("--model-kwargs are the arguments of --model's factory; pass --model "
                             "package.module:factory as well (or leave both out to use the checkpoint's segmenter).")
-    checkpoint = Path(args.checkpoint) if args.checkpoint else None
+    given = getattr(args, "checkpoint_path", None)
+    if given is None and args.checkpoint:  # called directly with parsed options: one --checkpoint FILE
+        given = args.checkpoint[-1] if isinstance(args.checkpoint, list) else args.checkpoint
+    checkpoint = Path(given) if given else None
     if checkpoint is None and args.model is None:
         checkpoint = DEFAULT_CHECKPOINT
         if not checkpoint.is_file():
@@ -200,7 +213,12 @@ def resolve_source(args: argparse.Namespace) -> Source:
         raise RPLInputError("--head/--feature say where an RPL add-on attaches to the segmenter; they need "
                             "--checkpoint FILE (without a checkpoint only post-hoc methods run, which need no names).")
     meta = read_metadata(checkpoint) if checkpoint is not None else None
-    recorded = (meta or {}).get("extra", {}).get("segmenter")  # validated by read_metadata
+    method = meta["method"] if meta else None
+    base_method = (meta or {}).get("extra", {}).get("base_method")
+    if method is not None and method != "rpl" and (args.head or args.feature):
+        raise RPLInputError(f"--head/--feature say where an RPL add-on attaches; checkpoint {checkpoint} holds method "
+                            f"{method!r}, which has no add-on.")
+    recorded = (meta or {}).get("extra", {}).get("segmenter")
     if args.model is not None:
         try:
             kwargs = json.loads(args.model_kwargs) if args.model_kwargs else {}
@@ -212,7 +230,7 @@ def resolve_source(args: argparse.Namespace) -> Source:
         spec = SegmenterSpec(model=args.model, kwargs=kwargs, weights=args.weights)
         if recorded:  # the add-on was trained with this normalisation
             spec.mean, spec.std = recorded.get("mean", spec.mean), recorded.get("std", spec.std)
-        return Source(checkpoint, spec, None)
+        return Source(checkpoint, spec, None, method, base_method)
     if not recorded:
         raise RPLInputError(f"checkpoint {checkpoint} records no segmenter (its metadata has no 'segmenter' entry); "
                             "pass --model package.module:factory and --weights FILE for the frozen segmenter it was "
@@ -225,12 +243,14 @@ def resolve_source(args: argparse.Namespace) -> Source:
         resolve_weights(spec, recorded_in=checkpoint)
     else:
         spec.weights = args.weights
-    return Source(checkpoint, spec, checkpoint.parent, recorded=True, trust_checkpoint=args.trust_checkpoint,
+    return Source(checkpoint, spec, checkpoint.parent, method, base_method, recorded=True,
+                  trust_checkpoint=args.trust_checkpoint,
                   weights=args.weights)
 
 
 def build_model(source: Source, args: argparse.Namespace, device) -> Any:
-    """The segmenter of ``source`` on ``device``, wrapped with the checkpoint's add-on when there is one."""
+    """The segmenter of ``source`` on ``device``, with the checkpoint's method on it when there is one."""
+    from rpl.methods import get
     from rpl.models.loading import build_segmenter
 
     if source.recorded:
@@ -243,7 +263,7 @@ def build_model(source: Source, args: argparse.Namespace, device) -> Any:
         return segmenter
     overrides = {k: v for k, v in (("head", args.head), ("feature", args.feature)) if v}
     try:
-        return rpl.load(source.checkpoint, segmenter, **overrides)
+        return get(source.method).load(source.checkpoint, segmenter, **overrides).to(device)
     except RPLInputError as err:
         if str(source.checkpoint) in str(err):
             raise
@@ -267,6 +287,21 @@ def resolve_preprocess(source: Source, args: argparse.Namespace) -> Preprocess:
         mean, std = source.spec.mean, source.spec.std
     return Preprocess(mean=tuple(mean) if mean else None, std=tuple(std) if std else None,
                       resize=_size(args.resize) if args.resize else None)
+
+
+def check_before_loading(methods: Sequence[str], source: Source) -> None:
+    """Refuse, before any model or data loads, a method the source cannot give (e.g. rpl without an add-on)."""
+    from rpl.methods import get
+
+    for m in methods:
+        method = get(m)
+        if method.kind == "post-hoc":
+            continue
+        if source.checkpoint is None:
+            method.check_model(None)
+        elif m != source.method:
+            raise RPLInputError(f"--methods {m} needs a {m!r} checkpoint, but {source.checkpoint} holds method "
+                                f"{source.method!r}; pass a {m} checkpoint or leave {m} out of --methods.")
 
 
 # -- datasets ----------------------------------------------------------------------------------
@@ -316,7 +351,8 @@ def table_columns(results: list[dict[str, Any]], components: bool) -> list[tuple
 def _cell(row: dict[str, Any], key: str) -> str:
     from rpl.evaluation import BARE_SEGMENTER, CLOSED_SET
 
-    if key not in row or (row.get("method") in (CLOSED_SET, BARE_SEGMENTER) and key != "miou"):
+    if key not in row or ("miou" in row and row.get("miou") is not None and key != "miou") or (
+            row.get("method") in (CLOSED_SET, BARE_SEGMENTER) and key != "miou"):
         return "-"
     return _pct(row[key])
 
@@ -411,14 +447,47 @@ def log_wandb(run: Any, results: list[dict[str, Any]], visuals: list[tuple[str, 
 
 
 # -- the command -------------------------------------------------------------------------------
+def checkpoint_paths(args: argparse.Namespace) -> list[Path]:
+    """The checkpoints named by --checkpoint (folders expanded to their checkpoints), or the shipped ones."""
+    from rpl.checkpoint import is_checkpoint
+
+    if not args.checkpoint:
+        if args.model is not None:
+            return []
+        if not DEFAULT_CHECKPOINT.is_file():
+            return []  # resolve_source says what is missing
+        shipped_beside = (DEFAULT_CHECKPOINT.parent / p.name for p in DEFAULT_CHECKPOINTS[1:])
+        return [DEFAULT_CHECKPOINT, *(p for p in shipped_beside if p.is_file())]
+    paths: list[Path] = []
+    for item in args.checkpoint:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(p for p in path.glob("*.safetensors") if is_checkpoint(p))
+            if not found:
+                raise RPLInputError(f"--checkpoint {path} is a folder without any rpl checkpoint (.safetensors with "
+                                    "rpl metadata).")
+            paths += found
+        else:
+            paths.append(path)
+    return list(dict.fromkeys(paths))
+
+
 def _run(args: argparse.Namespace) -> int:
     from rpl.evaluation import EvalOptions, check_methods, open_datasets, sanitize
 
     device = _device(args.device)
+    if args.model is None and args.model_kwargs is not None:
+        raise RPLInputError("--model-kwargs are the arguments of --model's factory; pass --model "
+                            "package.module:factory as well (or leave both out to use the checkpoint's segmenter).")
+    paths = checkpoint_paths(args)
+    if len(paths) > 1:
+        return _run_many(args, paths, device)
+    args.checkpoint_path = paths[0] if paths else None
     source = resolve_source(args)
     wrapped = source.checkpoint is not None
     methods = check_methods(_names(args.methods, "--methods") if args.methods else
-                            (WRAPPED_METHODS if wrapped else BARE_METHODS), wrapped)
+                            ((source.method, *BARE_METHODS) if wrapped else BARE_METHODS))
+    check_before_loading(methods, source)
     options = EvalOptions(methods=methods, pixel_mode=args.pixel_mode, fpr_rule=args.fpr_rule,
                           components=args.components, smooth_baselines=args.smooth_baselines,
                           mc_samples=args.mc_samples, amp=args.amp, batch_size=args.batch_size,
@@ -460,6 +529,163 @@ def _run(args: argparse.Namespace) -> int:
         if run is not None:
             run.finish(exit_code=1)
         raise
+
+
+def source_label(source: Source) -> str:
+    """A checkpoint's row name: its method, prefixed by the method its base segmenter was tuned with."""
+    return f"{source.base_method}+{source.method}" if source.base_method else str(source.method)
+
+
+def segmenter_name(source: Source) -> str:
+    """The file holding the segmenter weights a model's closed-set logits come from."""
+    from rpl.methods import get
+
+    if source.method and get(source.method).kind == "fine-tune":
+        return source.checkpoint.stem
+    return Path(source.spec.weights).stem if source.spec.weights else source.spec.model
+
+
+def _run_many(args: argparse.Namespace, paths: list[Path], device) -> int:
+    """Several checkpoints in one table: each model once per image with its own method, post-hoc scores
+    from the first checkpoint's segmenter, one mIoU row per distinct segmenter."""
+    import copy
+
+    from rpl.checkpoint import fingerprint
+    from rpl.evaluation import (BARE_SEGMENTER, CLOSED_SET, EvalOptions, Evaluator, check_methods, open_datasets,
+                                sanitize)
+    from rpl.methods import get
+
+    for option in ("model", "weights", "model_kwargs", "head", "feature"):
+        if getattr(args, option) is not None:
+            raise RPLInputError(f"--{option.replace('_', '-')} applies to one checkpoint; with several --checkpoint "
+                                "each model is the one its checkpoint records.")
+    sources = []
+    for path in paths:
+        one = copy.copy(args)
+        one.checkpoint_path = path
+        sources.append(resolve_source(one))
+    requested = check_methods(_names(args.methods, "--methods")) if args.methods else None
+    post_hoc = tuple(m for m in (requested or BARE_METHODS) if get(m).kind == "post-hoc")
+    labels: list[str] = []
+    for src in sources:
+        label = source_label(src)
+        labels.append(label if label not in labels else f"{label} ({src.checkpoint.stem})")
+    plan = []  # (source, label, methods)
+    for i, (src, label) in enumerate(zip(sources, labels)):
+        own = () if requested is not None and src.method not in requested else (src.method,)
+        plan.append((src, label, own + (post_hoc if i == 0 else ())))
+    if requested is not None:
+        unknown = [m for m in requested if get(m).kind != "post-hoc" and m not in {s.method for s in sources}]
+        if unknown:
+            raise RPLInputError(f"--methods {', '.join(unknown)}: none of the given checkpoints holds that method "
+                                f"(they hold {', '.join(sorted({s.method for s in sources}))}).")
+    base_options = dict(pixel_mode=args.pixel_mode, fpr_rule=args.fpr_rule, components=args.components,
+                        smooth_baselines=args.smooth_baselines, mc_samples=args.mc_samples, amp=args.amp,
+                        batch_size=args.batch_size, num_workers=args.num_workers, limit=args.limit, seed=args.seed,
+                        progress=not args.quiet, vis_limit=args.vis_limit if args.save_vis else WANDB_OVERLAYS,
+                        compile=args.compile, report=args.report is not None,
+                        gallery_images=args.report_images, memory_budget=args.memory_budget)
+    EvalOptions(methods=post_hoc or ("energy",), **base_options).check()
+    if args.wandb != "disabled":
+        raise RPLInputError("--wandb logs one checkpoint's evaluation; run rpl-eval once per checkpoint to log each.")
+    # every output proven writable before any data is read or model built
+    outputs = {k: check_file(getattr(args, k, None), f"--{k}") for k in ("json", "csv", "markdown")}
+    vis_dir = check_folder(args.save_vis, "--save-vis")
+    report_dir = check_folder(args.report, "--report")
+    names, data_root = resolve_datasets(args)
+    entries = open_datasets(names, data_root)
+    sink = VisualSink(vis_dir, 0) if vis_dir else None
+
+    anomaly_rows: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    segmenters: dict[str, dict[str, Any]] = {}  # fingerprint -> mIoU rows and who uses them
+    reports, notes, datasets_info = [], [], {}
+    for index, (src, label, methods) in enumerate(plan):
+        model = build_model(src, args, device)
+        key = fingerprint(model.segmenter)
+        users = segmenters.setdefault(key, {"name": segmenter_name(src), "users": [], "rows": None})
+        users["users"].append(label + (" + post-hoc" if index == 0 and post_hoc else ""))
+        todo = [e for e in entries if not e.class_labels or users["rows"] is None]
+        if not methods:
+            todo = [e for e in todo if e.class_labels]
+        if not todo:
+            continue
+        options = EvalOptions(methods=methods or ("energy",), **base_options)
+        report = Evaluator(model, options, resolve_preprocess(src, args), device, on_visual=sink).run(todo)
+        notes += report.notes
+        for name, info in report.datasets.items():
+            datasets_info.setdefault(name, {}).update({k: v for k, v in info.items() if k not in ("seconds",
+                                                                                             "images_per_second")})
+            datasets_info[name].setdefault("seconds", {})[label] = info["seconds"]
+        rows = [r for r in report.results if r["method"] != BARE_SEGMENTER]
+        for row in rows:
+            row["checkpoint"] = str(src.checkpoint)
+            if row["method"] == CLOSED_SET:
+                row["segmenter"] = users["name"]
+                users["rows"] = users["rows"] or []
+                users["rows"].append(row)
+            else:
+                if row["method"] == src.method:
+                    row["method"] = label
+                anomaly_rows.setdefault((row["dataset"], index), []).append(row)
+        for curves in report.curves.values():  # the report's curves under the table's row names
+            if src.method in curves and src.method != label:
+                curves[label] = curves.pop(src.method)
+        reports.append(report)
+        del model
+    results: list[dict[str, Any]] = []
+    for entry in entries:
+        if entry.class_labels:
+            for seg in segmenters.values():
+                for row in seg["rows"] or []:
+                    if row["dataset"] == entry.name:
+                        results.append({**row, "method": f"closed-set: {seg['name']} ({', '.join(seg['users'])})"})
+        else:
+            for index in range(len(plan)):
+                results += anomaly_rows.get((entry.name, index), [])
+    if not any(r.get(k) is not None for r in results for k in ("auroc", "miou")):
+        raise RPLInputError("no dataset gave a defined metric, so nothing was written. " + " ".join(notes))
+    for note in dict.fromkeys(notes):
+        print(f"rpl-eval: warning: {note}", file=sys.stderr)
+    document = sanitize({
+        "results": results,
+        "checkpoints": [{"path": str(src.checkpoint), "method": src.method, "label": label,
+                         "segmenter": src.spec.to_dict(), "methods": list(methods)} for src, label, methods in plan],
+        "segmenters": [{"name": s["name"], "fingerprint": k, "used_by": s["users"]} for k, s in segmenters.items()],
+        "pixel_mode": args.pixel_mode, "fpr_rule": args.fpr_rule, "components": args.components,
+        "smooth_baselines": args.smooth_baselines, "data_root": str(data_root) if data_root else None,
+        "limit": args.limit, "device": str(device), "amp": args.amp, "rpl_version": rpl.__version__,
+        "datasets": datasets_info, "notes": list(dict.fromkeys(notes)),
+    })
+    caption = f"pixel mode {args.pixel_mode}, FPR@95 rule {args.fpr_rule}"
+    print_table(document["results"], args.components, caption)  # first: a failed write cannot hide it
+    texts = {"json": lambda: json.dumps(document, indent=2, allow_nan=False) + "\n",
+             "csv": lambda: to_csv(document["results"]),
+             "markdown": lambda: to_markdown(document["results"], args.components, caption)}
+    written, ok = write_all([(f"--{k}", p, texts[k]()) for k, p in outputs.items() if p], "rpl-eval")
+    if vis_dir:
+        written.append(f"{sink.written} overlays in {vis_dir}")
+        if sink.error:
+            ok = False
+            print(f"rpl-eval: error: --save-vis stopped after {sink.written} overlays: {sink.error}", file=sys.stderr)
+    if report_dir is not None:
+        from rpl.report import write_report
+
+        curves: dict[str, dict[str, Any]] = {}
+        galleries: dict[str, list] = {}
+        for one in reports:
+            for name, per_method in one.curves.items():
+                curves.setdefault(name, {}).update(per_method)
+            for name, kept in one.galleries.items():
+                galleries.setdefault(name, []).extend(kept)
+        try:
+            written.append(str(write_report(report_dir, document, curves, galleries)))
+        except OSError as err:
+            ok = False
+            print(f"rpl-eval: error: --report {report_dir} could not be written ({err}); the table above and any "
+                  "other outputs are complete.", file=sys.stderr)
+    if written:
+        print("Wrote " + ", ".join(written), file=sys.stderr)
+    return 0 if ok else EXIT_BAD_INPUT  # results kept (table, fallback files), but not where asked
 
 
 def _evaluate_and_report(args: argparse.Namespace, model: Any, options: EvalOptions, preprocess: Preprocess,

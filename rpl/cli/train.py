@@ -1,4 +1,7 @@
-"""``rpl-train``: train the RPL add-on of a frozen segmenter (default: the embedded SynthStreets world).
+"""``rpl-train``: train an anomaly method on a segmenter (default: RPL on the embedded SynthStreets world).
+
+Methods: rpl (a residual add-on on the frozen segmenter, the default) and pebal (fine-tunes a copy
+of the segmenter with an abstention channel); ``--method`` is the config key ``method``.
 
 With no --config it trains on the embedded default (SynthStreets, generated under data.root on
 first use, then evaluated with rpl-eval's default table). Launch on several GPUs (or CPU
@@ -20,6 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = make_parser("rpl-train", __doc__)
     parser.add_argument("--config", metavar="FILE",
                         help="YAML config (default: the embedded SynthStreets recipe, rpl/config.py)")
+    parser.add_argument("--method", metavar="NAME",
+                        help="method to train: rpl (default) or pebal; sets the config key method (docs/methods.md)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set optim.lr=1e-4 (repeatable)")
     parser.add_argument("--work-dir", metavar="DIR", default="work_dirs/rpl",
@@ -50,9 +55,14 @@ def annotated_config(cfg, config_file: str | None, overrides: Sequence[str]) -> 
     from rpl.config import Config, dump_config, parse_override
 
     defaults, values = Config().to_dict(), cfg.to_dict()
-    from_set = {".".join(parse_override(item)[0][:2]) for item in overrides}
+    from_set = {".".join(parse_override(item)[0][:2]) for item in overrides} | (
+        {"method"} if any(item.startswith("method=") for item in overrides) else set())
     notes: dict[str, str] = {}
     for section, keys in values.items():
+        if not isinstance(keys, dict):  # a top-level key (method)
+            if keys != defaults[section]:
+                notes[section] = f"set by {'--set' if section in from_set else config_file}; default {defaults[section]}"
+            continue
         for key, value in keys.items():
             if value != defaults[section][key]:
                 where = "--set" if f"{section}.{key}" in from_set else config_file
@@ -69,7 +79,11 @@ def annotated_config(cfg, config_file: str | None, overrides: Sequence[str]) -> 
                                                                 "is evaluated at the end)"]))
     lines, section = [], None
     for line in dump_config(cfg).splitlines():
-        if line and not line.startswith(" "):
+        if line and not line.startswith(" ") and line.split(":", 1)[1].strip():  # a top-level key: value
+            section = None
+            note = notes.get(line.split(":", 1)[0])
+            line = f"{line}  # {note}" if note else line
+        elif line and not line.startswith(" "):
             section = line.rstrip(":")
         elif line.startswith("  ") and not line.startswith("   ") and ":" in line and not line.lstrip().startswith("-"):
             note = notes.get(f"{section}.{line.strip().split(':', 1)[0]}")
@@ -92,9 +106,10 @@ def _run(args: argparse.Namespace) -> int:
     from rpl.config import load_config
     from rpl.errors import RPLInputError
 
-    cfg = load_config(args.config, args.overrides)
+    overrides = [*args.overrides, *([f"method={args.method}"] if args.method else [])]
+    cfg = load_config(args.config, overrides)
     if args.print_config:
-        print(annotated_config(cfg, args.config, args.overrides), end="")
+        print(annotated_config(cfg, args.config, overrides), end="")
         return 0
     if args.evaluate and not args.resume:
         raise RPLInputError("--evaluate re-evaluates a finished run and goes with --resume; a new run is evaluated "
@@ -111,10 +126,10 @@ def _run(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace, cfg, run_id: str | None) -> int:
     """The run itself, while this process holds the work dir."""
-    from rpl.training import Trainer  # torch loads once the work dir is ours: a refusal comes at once
+    from rpl.training import build_trainer  # torch loads once the work dir is ours: a refusal comes at once
 
-    trainer = Trainer(cfg, args.work_dir, resume=args.resume, quiet=args.quiet, overwrite=args.overwrite,
-                      run_id=run_id, allow_changes=tuple(args.allow_changes.split(",")))
+    trainer = build_trainer(cfg, args.work_dir, resume=args.resume, quiet=args.quiet, overwrite=args.overwrite,
+                            run_id=run_id, allow_changes=tuple(args.allow_changes.split(",")))
     if trainer.finished:
         trainer.close()
         if trainer.d.main:

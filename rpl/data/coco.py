@@ -35,10 +35,11 @@ from typing import Any
 
 import numpy as np
 
+from rpl.conventions import OUTLIER
 from rpl.data.io import write_label
 from rpl.errors import RPLInputError
 
-OOD_LABEL = 254
+OOD_LABEL = OUTLIER
 BACKGROUND_LABEL = 0
 EXCLUDED_CATEGORIES = (
     "person", "bicycle", "car", "motorcycle", "bus", "truck", "traffic light", "stop sign",

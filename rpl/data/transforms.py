@@ -12,11 +12,9 @@ import cv2
 import numpy as np
 import torch
 
+from rpl.conventions import IMAGENET_MEAN, IMAGENET_STD, VOID as VOID_LABEL  # re-exported for the data modules
 from rpl.data.coco import BACKGROUND_LABEL, OOD_LABEL
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-VOID_LABEL = 255
 # Reference scale set; 0.5 appears twice, so it is drawn twice as often.
 PASTE_SCALES = (0.25, 0.5, 0.5, 0.75, 0.1, 0.125)
 

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from rpl.checkpoint import strip_prefix
+from rpl.conventions import IMAGENET_MEAN, IMAGENET_STD
 from rpl.errors import RPLInputError
 
 
@@ -34,8 +35,8 @@ class SegmenterSpec:
     kwargs: dict[str, Any] = field(default_factory=dict)
     weights: str | None = None  # .safetensors or .pth/.pt state dict
     num_classes: int = 19
-    mean: tuple[float, float, float] | None = (0.485, 0.456, 0.406)  # input normalisation (None: raw 0..1)
-    std: tuple[float, float, float] | None = (0.229, 0.224, 0.225)
+    mean: tuple[float, float, float] | None = IMAGENET_MEAN  # input normalisation (None: raw 0..1)
+    std: tuple[float, float, float] | None = IMAGENET_STD
 
     def to_dict(self) -> dict[str, Any]:
         return json.loads(json.dumps(asdict(self)))
@@ -225,6 +226,8 @@ def read_raw_state_dict(path: str | Path, what: str = "weights file",
         raise RPLInputError(f"{what} {path} could not be read safely with weights_only=True ({type(err).__name__}: "
                             f"{str(err)[:300]}); expected {expected} saved with torch.save(model.state_dict()) or "
                             "safetensors (pickled code is never loaded).") from None
+    if path.suffix == ".safetensors":
+        state = _tuned_segmenter(path, state)
     while isinstance(state, Mapping):
         nested = next((k for k in NESTING_KEYS if isinstance(state.get(k), Mapping)), None)
         if nested is None:
@@ -241,6 +244,21 @@ def read_raw_state_dict(path: str | Path, what: str = "weights file",
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """A state dict from ``.safetensors`` or ``.pth``/``.pt`` with leading ``module.`` prefixes removed."""
     return strip_prefix(read_raw_state_dict(path))
+
+
+def _tuned_segmenter(path: Path, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A fine-tuned method's checkpoint (e.g. PEBAL's) used as segmenter weights: its ``segmenter.*`` tensors."""
+    from rpl.checkpoint import SEGMENTER_PREFIX, is_checkpoint, read_metadata
+
+    if not is_checkpoint(path):
+        return state
+    meta = read_metadata(path)
+    tuned = {k[len(SEGMENTER_PREFIX):]: v for k, v in state.items() if k.startswith(SEGMENTER_PREFIX)}
+    if not tuned:
+        raise RPLInputError(f"weights file {path} is a checkpoint of method {meta['method']!r}, which holds no "
+                            "segmenter weights (an add-on only); give the segmenter's own weights file, or a "
+                            "fine-tuned method's checkpoint (e.g. PEBAL's).")
+    return tuned
 
 
 def build_segmenter(spec: SegmenterSpec, base_dir: str | Path | None = None, *,

@@ -1,0 +1,132 @@
+"""What a method is: how it is built on a segmenter, trains, scores and is saved (one class per method).
+
+Scoring contract (evaluation, ``rpl-eval``): ``method.scorer(model, options)`` returns a function
+``(x, logits, out) -> (B, h, w)`` score map (higher = more anomalous) computed from one forward of
+``model``: ``x`` the network input, ``logits`` the closed-set logits, ``out`` the model's own output
+(``None`` for a bare segmenter). Models built by trainable methods return an object with
+``.logits`` (closed-set, ``(B, K, H, W)``) and ``.anomaly`` (the method's score map).
+
+Training contract (``rpl-train --method NAME``): :meth:`Method.build` makes the model to train
+from a segmenter, :meth:`Method.parameter_groups` says which parameters train, :meth:`Method.loss`
+computes the loss of one batch (forward included, under the trainer's autocast), and
+:meth:`Method.save` / :meth:`Method.load` write and read its checkpoint (``rpl.checkpoint``).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar, ContextManager
+
+import torch
+from torch import nn
+
+from rpl.errors import RPLInputError
+
+Scorer = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
+
+
+@dataclass
+class TrainContext:
+    """What a method's loss needs from the trainer besides the model and the batch."""
+
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    amp: bool = False
+    amp_dtype: torch.dtype | None = None
+    channels_last: bool = False
+    generator: torch.Generator | None = None  # the method's own sampling randomness (saved on resume)
+    config: Any = None  # the full rpl.config.Config
+
+    def autocast(self) -> ContextManager:
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp)
+
+    def images(self, images: torch.Tensor) -> torch.Tensor:
+        images = images.to(self.device, non_blocking=True)
+        return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
+
+
+class Method:
+    """Base class; subclasses set the class attributes and override what applies to them."""
+
+    name: ClassVar[str]
+    kind: ClassVar[str]  # "post-hoc" (scores any segmenter's logits), "add-on" (frozen segmenter), "fine-tune"
+    trainable: ClassVar[bool] = False
+    summary: ClassVar[str] = ""
+
+    # -- scoring ---------------------------------------------------------------------------------
+    def check_model(self, model: nn.Module) -> None:
+        """Refuse a model this method cannot score (an input error naming what is needed)."""
+
+    def scorer(self, model: nn.Module, options: Any) -> Scorer:
+        raise NotImplementedError
+
+    # -- training (trainable methods) ------------------------------------------------------------
+    def build(self, segmenter: nn.Module, config: Any) -> nn.Module:
+        """The model to train, built on ``segmenter`` (already on its device)."""
+        raise RPLInputError(f"method {self.name!r} does not train; rpl-train --method accepts: "
+                            + ", ".join(_trainable_names()) + ".")
+
+    def parameter_groups(self, model: nn.Module, optim: Any) -> list[dict[str, Any]]:
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": optim.lr}]
+
+    def trainable_parameters(self, model: nn.Module) -> list[nn.Parameter]:
+        return [p for p in model.parameters() if p.requires_grad]
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor], ctx: TrainContext
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def images_per_step(self, config: Any) -> int:
+        """Images one training sample feeds through the model (for the img/s figure)."""
+        return 1
+
+    def distribute(self, model: nn.Module, device: torch.device) -> nn.Module:
+        """The model to train in a ``torchrun`` job: its trainable part inside DDP."""
+        raise NotImplementedError
+
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        """``model`` without DDP wrappers, as it is saved and validated."""
+        return model
+
+    @contextlib.contextmanager
+    def validating(self, model: nn.Module):
+        """Rank 0 alone validates: no DDP collectives inside."""
+        yield self.unwrap(model)
+
+    def training_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """What ``last.pt`` keeps of the model to resume (the tensors that change while training)."""
+        raise NotImplementedError
+
+    def load_training_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        raise NotImplementedError
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def metadata_fields(self, path: str | Path) -> tuple:
+        """The method's own metadata fields (``rpl.checkpoint.MetadataField``), validated on read."""
+        return ()
+
+    def save(self, path: str | Path, model: nn.Module, extra: dict[str, Any] | None = None,
+             base_fingerprint: str | None = None) -> Path:
+        raise NotImplementedError
+
+    def load(self, path: str | Path, segmenter: nn.Module | None = None, **kwargs: Any) -> nn.Module:
+        """The model of checkpoint ``path``; ``segmenter`` None: the one its metadata records."""
+        raise NotImplementedError
+
+
+def _trainable_names() -> list[str]:
+    from rpl.methods import trainable
+
+    return trainable()
+
+
+def recorded_segmenter(path: str | Path, meta: dict[str, Any]) -> nn.Module:
+    """The segmenter a checkpoint's metadata records (``extra.segmenter``), weights relative to its folder."""
+    from rpl.models.loading import SegmenterSpec, build_segmenter
+
+    recorded = (meta.get("extra") or {}).get("segmenter")
+    if not recorded:
+        raise RPLInputError(f"checkpoint {path} records no segmenter (its metadata has no 'segmenter' entry); pass "
+                            "the segmenter it was trained on (rpl-eval --model package.module:factory --weights FILE).")
+    spec = SegmenterSpec.from_dict(recorded, where="extra.segmenter", source=path)
+    return build_segmenter(spec, recorded_in=path)

@@ -1,0 +1,52 @@
+"""The method registry: discovery, lookup errors, a new method plugged in without touching anything else."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import rpl.methods as methods
+from rpl.errors import RPLInputError
+from rpl.evaluation import Evaluator, EvalOptions, check_methods
+from rpl.methods.base import Method
+
+
+def test_builtin_methods_are_discovered():
+    assert {"rpl", "pebal", "energy", "msp", "maxlogit", "entropy", "mcdropout"} <= set(methods.available())
+    assert set(methods.trainable()) >= {"rpl", "pebal"}
+    for name in methods.available():
+        m = methods.get(name)
+        assert m.name == name and m.kind in ("post-hoc", "add-on", "fine-tune")
+
+
+def test_unknown_method_lists_the_known_ones():
+    with pytest.raises(RPLInputError, match="unknown method 'nope'; known methods: .*pebal.*rpl"):
+        methods.get("nope")
+    with pytest.raises(RPLInputError, match="rpl-train --method accepts"):
+        from rpl.config import load_config
+        from rpl.training import build_model
+
+        build_model(load_config(None, ["method=energy", "segmenter.weights=null"]), torch.device("cpu"))
+
+
+def test_a_registered_method_is_scored_by_the_evaluator(monkeypatch):
+    """What adding a method takes: a registered class. The evaluator then scores it with no other change."""
+    class Negated(Method):
+        name, kind = "negated-maxlogit", "post-hoc"
+
+        def scorer(self, model, options):
+            return lambda x, logits, out: logits.float().amax(1)
+
+    monkeypatch.setattr(methods, "_REGISTRY", dict(methods._REGISTRY))
+    methods.register(Negated)
+    assert "negated-maxlogit" in methods.available()
+    assert check_methods(["negated-maxlogit", "energy"]) == ("negated-maxlogit", "energy")
+    seg = torch.nn.Conv2d(3, 4, 1)
+    ev = Evaluator(seg, EvalOptions(methods=("negated-maxlogit", "maxlogit"), progress=False))
+    x = torch.randn(1, 3, 5, 6)
+    logits = seg(x)
+    s = ev.scores(x, logits, None)
+    torch.testing.assert_close(s["negated-maxlogit"], -s["maxlogit"])
+    with pytest.raises(ValueError, match="registered twice"):
+        class Other(Negated):
+            pass
+        methods.register(Other)
