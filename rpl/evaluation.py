@@ -464,7 +464,7 @@ class Evaluator:
                 acc.miou = MIoU(num_classes=logits.shape[1])
             if self.wrapped:  # the same images through the bare segmenter: mIoU without the add-on
                 with self._autocast():
-                    bare = extract_logits(self.segmenter(x), self.model.logits_option)
+                    bare = extract_logits(self.segmenter(x), getattr(self.model, "logits_option", None))
                     if acc.bare_miou is None:  # first batch: the closed-set half of the (eager) wrapped forward
                         eager = logits if self.forward_model is self.model else self.model(x).logits
                         acc.identical = bool(torch.equal(bare, eager))

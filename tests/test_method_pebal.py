@@ -293,3 +293,32 @@ def test_pebal_and_pebal_rpl_train_resume_and_evaluate_in_one_table(tmp_path, ca
     assert eval_main(["--checkpoint", str(pebal / "best.safetensors"), "--methods", "rpl", "--datasets",
                       "synthstreets-anomaly", "--data-root", str(world), "--quiet"]) == 2
     assert "holds method 'pebal'" in capsys.readouterr().err
+
+
+def test_a_pebal_model_evaluates_anomaly_and_class_label_sets(segmenter):
+    """rpl-eval's engine on a PEBAL model: pebal scores on an anomaly set, and on a class-label set the mIoU
+    of its K logits plus the tuned segmenter alone (the 'bare segmenter' row), which are the same logits."""
+    import numpy as np
+
+    from rpl.evaluation import DatasetEntry, EvalOptions, evaluate
+
+    cfg = load_config(None, ["method=pebal", "segmenter.num_classes=5"])
+    model = get("pebal").build(segmenter, cfg).eval()
+    rng = np.random.default_rng(0)
+
+    def sample(i: int, classes: bool) -> dict:
+        label = rng.integers(0, 5, (32, 48)).astype(np.uint8) if classes else np.zeros((32, 48), np.uint8)
+        if not classes:
+            label[8:20, 10:30] = 1
+        label[:2] = 255
+        return {"image": rng.integers(0, 256, (32, 48, 3), dtype=np.uint8), "label": label, "name": f"f{i}",
+                "path": f"/virtual/f{i}.png"}
+
+    entries = [DatasetEntry("toy", [sample(i, False) for i in range(2)]),
+               DatasetEntry("classes", [sample(i, True) for i in range(2)], track=None, class_labels=True)]
+    report = evaluate(model, entries, options=EvalOptions(methods=("pebal", "energy"), progress=False))
+    rows = {(r["dataset"], r["method"]): r for r in report.results}
+    assert 0.0 <= rows[("toy", "pebal")]["auroc"] <= 1.0 and ("toy", "energy") in rows
+    closed = [r for (d, _), r in rows.items() if d == "classes"]
+    assert len(closed) == 2 and closed[0]["miou"] == closed[1]["miou"]
+    assert closed[0].get("identical_to_segmenter", True) is True
