@@ -319,8 +319,9 @@ def test_report_of_any_methods_and_segmenters(tmp_path):
         {c["key"] for c in parsed.iou_cells}
 
 
-def test_report_of_several_checkpoints_names_each_row(built):
-    """rpl-eval with several --checkpoint writes one report whose curves carry the table's row names."""
+def test_report_of_several_checkpoints_names_each_row(built, capsys):
+    """rpl-eval with several --checkpoint writes one report whose curves carry the table's row names, and its
+    table says when it was limited (the same output code as one checkpoint's)."""
     out, _, _, _ = built
     root = out.parent
     torch.manual_seed(1)
@@ -332,8 +333,10 @@ def test_report_of_several_checkpoints_names_each_row(built):
     many = root / "report_many"
     code = cli.main(["--checkpoint", str(root / "addon.safetensors"), "--checkpoint", str(other), "--quiet",
                      "--data-root", str(root / "data"), "--datasets", "synthstreets-anomaly", "--num-workers", "0",
-                     "--methods", "rpl,energy", "--report", str(many), "--json", str(root / "many.json")])
+                     "--methods", "rpl,energy", "--report", str(many), "--json", str(root / "many.json"),
+                     "--limit", "2"])
     assert code == 0
+    assert "--limit 2: first 2 images of each dataset only" in " ".join(capsys.readouterr().out.split())
     methods = [r["method"] for r in json.loads((root / "many.json").read_text())["results"]]
     assert sorted(methods) == ["energy", "rpl", "rpl (addon2)"]
     page = Page()

@@ -656,36 +656,14 @@ def _run_many(args: argparse.Namespace, paths: list[Path], device) -> int:
         "limit": args.limit, "device": str(device), "amp": args.amp, "rpl_version": rpl.__version__,
         "datasets": datasets_info, "notes": list(dict.fromkeys(notes)),
     })
-    caption = f"pixel mode {args.pixel_mode}, FPR@95 rule {args.fpr_rule}"
-    print_table(document["results"], args.components, caption)  # first: a failed write cannot hide it
-    texts = {"json": lambda: json.dumps(document, indent=2, allow_nan=False) + "\n",
-             "csv": lambda: to_csv(document["results"]),
-             "markdown": lambda: to_markdown(document["results"], args.components, caption)}
-    written, ok = write_all([(f"--{k}", p, texts[k]()) for k, p in outputs.items() if p], "rpl-eval")
-    if vis_dir:
-        written.append(f"{sink.written} overlays in {vis_dir}")
-        if sink.error:
-            ok = False
-            print(f"rpl-eval: error: --save-vis stopped after {sink.written} overlays: {sink.error}", file=sys.stderr)
-    if report_dir is not None:
-        from rpl.report import write_report
-
-        curves: dict[str, dict[str, Any]] = {}
-        galleries: dict[str, list] = {}
-        for one in reports:
-            for name, per_method in one.curves.items():
-                curves.setdefault(name, {}).update(per_method)
-            for name, kept in one.galleries.items():
-                galleries.setdefault(name, []).extend(kept)
-        try:
-            written.append(str(write_report(report_dir, document, curves, galleries)))
-        except OSError as err:
-            ok = False
-            print(f"rpl-eval: error: --report {report_dir} could not be written ({err}); the table above and any "
-                  "other outputs are complete.", file=sys.stderr)
-    if written:
-        print("Wrote " + ", ".join(written), file=sys.stderr)
-    return 0 if ok else EXIT_BAD_INPUT  # results kept (table, fallback files), but not where asked
+    curves: dict[str, dict[str, Any]] = {}
+    galleries: dict[str, list] = {}
+    for one in reports:
+        for name, per_method in one.curves.items():
+            curves.setdefault(name, {}).update(per_method)
+        for name, kept in one.galleries.items():
+            galleries.setdefault(name, []).extend(kept)
+    return write_outputs(args, document, outputs, vis_dir, sink, report_dir, curves, galleries)
 
 
 def _evaluate_and_report(args: argparse.Namespace, model: Any, options: EvalOptions, preprocess: Preprocess,
@@ -701,10 +679,20 @@ def _evaluate_and_report(args: argparse.Namespace, model: Any, options: EvalOpti
         print(f"rpl-eval: warning: {note}", file=sys.stderr)
 
     document = sanitize({"results": report.results, **document, "datasets": report.datasets, "notes": report.notes})
+    code = write_outputs(args, document, outputs, vis_dir, sink, args.report, report.curves, report.galleries)
+    if run is not None:
+        log_wandb(run, document["results"], sink.kept if sink else [])
+    return code
+
+
+def write_outputs(args: argparse.Namespace, document: dict[str, Any], outputs: dict[str, Path | None],
+                  vis_dir: Path | None, sink: Any, report_dir: Path | None, curves: dict[str, Any],
+                  galleries: dict[str, list]) -> int:
+    """The table first (a failed write cannot hide it), then every requested file; exit 2 if one went elsewhere."""
     caption = f"pixel mode {args.pixel_mode}, FPR@95 rule {args.fpr_rule}"
     if args.limit is not None:
         caption += f"; --limit {args.limit}: first {args.limit} images of each dataset only"
-    print_table(document["results"], args.components, caption)  # first: a failed write cannot hide it
+    print_table(document["results"], args.components, caption)
     texts = {"json": lambda: json.dumps(document, indent=2, allow_nan=False) + "\n",
              "csv": lambda: to_csv(document["results"]),
              "markdown": lambda: to_markdown(document["results"], args.components, caption)}
@@ -714,19 +702,17 @@ def _evaluate_and_report(args: argparse.Namespace, model: Any, options: EvalOpti
         if sink.error:
             ok = False
             print(f"rpl-eval: error: --save-vis stopped after {sink.written} overlays: {sink.error}", file=sys.stderr)
-    if args.report is not None:
+    if report_dir is not None:
         from rpl.report import write_report
 
         try:
-            written.append(str(write_report(args.report, document, report.curves, report.galleries)))
+            written.append(str(write_report(report_dir, document, curves, galleries)))
         except OSError as err:
             ok = False
-            print(f"rpl-eval: error: --report {args.report} could not be written ({err}); the table above and any "
+            print(f"rpl-eval: error: --report {report_dir} could not be written ({err}); the table above and any "
                   "other outputs are complete.", file=sys.stderr)
     if written:
         print("Wrote " + ", ".join(written), file=sys.stderr)
-    if run is not None:
-        log_wandb(run, document["results"], sink.kept if sink else [])
     return 0 if ok else EXIT_BAD_INPUT  # results kept (table, fallback files), but not where asked
 
 
