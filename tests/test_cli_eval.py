@@ -434,3 +434,19 @@ def test_embedded_test_sets_of_an_older_generator_are_regenerated(tmp_path):
     regenerated = read_manifest(root)
     assert regenerated["version"] == GENERATOR_VERSION
     assert (regenerated["seed"], regenerated["size"], regenerated["scale"]) == (1, [64, 128], 0.005)
+
+
+def test_default_run_compares_every_rpl_checkpoint_shipped_beside_the_add_on(world, tmp_path):
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    first = weights / "rpl_synthstreets.safetensors"
+    shutil.copy(world.checkpoint, first)
+    for name in ("zeta.safetensors", "alpha.safetensors"):
+        shutil.copy(world.checkpoint, weights / name)
+    save_file({"w": torch.zeros(1)}, str(weights / "segmenter.safetensors"))  # plain weights: not a checkpoint
+    (weights / "notes.safetensors").write_bytes(b"not a safetensors file")
+    assert cli.shipped_checkpoints(first) == [first, weights / "alpha.safetensors", weights / "zeta.safetensors"]
+    # the real folder: the shipped add-on first, the shipped segmenter never among them
+    shipped = cli.shipped_checkpoints(cli.DEFAULT_CHECKPOINT)
+    assert shipped[0] == cli.DEFAULT_CHECKPOINT
+    assert all("segmenter" not in p.name for p in shipped) and len(shipped) >= 2

@@ -42,9 +42,8 @@ from rpl.errors import RPLInputError
 
 WEIGHTS_DIR = Path(rpl.__file__).resolve().parent.parent / "weights"
 DEFAULT_CHECKPOINT = WEIGHTS_DIR / "rpl_synthstreets.safetensors"
-# what rpl-eval with no arguments compares (the first is required, the others are used when shipped)
-DEFAULT_CHECKPOINTS = (DEFAULT_CHECKPOINT, WEIGHTS_DIR / "pebal_synthstreets.safetensors",
-                       WEIGHTS_DIR / "pebal_rpl_synthstreets.safetensors")
+# rpl-eval with no arguments compares DEFAULT_CHECKPOINT (required) and every other rpl checkpoint
+# shipped beside it (shipped_checkpoints), so shipping a method's weights needs no edit here.
 DEFAULT_DATA_ROOT = Path("data/synthstreets")
 DEFAULT_DATASETS = ("synthstreets-anomaly", "synthstreets-rural", "synthstreets-obstacle", "cityscapes-val")
 WRAPPED_METHODS = ("rpl", "energy", "msp", "maxlogit", "entropy")
@@ -456,8 +455,7 @@ def checkpoint_paths(args: argparse.Namespace) -> list[Path]:
             return []
         if not DEFAULT_CHECKPOINT.is_file():
             return []  # resolve_source says what is missing
-        shipped_beside = (DEFAULT_CHECKPOINT.parent / p.name for p in DEFAULT_CHECKPOINTS[1:])
-        return [DEFAULT_CHECKPOINT, *(p for p in shipped_beside if p.is_file())]
+        return shipped_checkpoints(DEFAULT_CHECKPOINT)
     paths: list[Path] = []
     for item in args.checkpoint:
         path = Path(item)
@@ -470,6 +468,15 @@ def checkpoint_paths(args: argparse.Namespace) -> list[Path]:
         else:
             paths.append(path)
     return list(dict.fromkeys(paths))
+
+
+def shipped_checkpoints(first: Path) -> list[Path]:
+    """``first`` and, after it in name order, every other rpl checkpoint in its folder (plain segmenter
+    weights, which carry no rpl checkpoint metadata, are not among them)."""
+    from rpl.checkpoint import is_checkpoint
+
+    others = sorted(p for p in first.parent.glob("*.safetensors") if p.name != first.name and is_checkpoint(p))
+    return [first, *others]
 
 
 def _run(args: argparse.Namespace) -> int:
