@@ -140,12 +140,12 @@ def build_base_segmenter(cfg: Config, device: torch.device) -> tuple[torch.nn.Mo
 
 def build_model(cfg: Config, device: torch.device) -> tuple[Method, torch.nn.Module, SegmenterSpec, str]:
     """The method of ``cfg.method``, its model on the base segmenter, the spec and the base's fingerprint."""
-    from rpl.methods import get
+    from rpl.methods import available, get, trainable
 
+    if cfg.method not in available():
+        raise RPLInputError(f"unknown method {cfg.method!r}; rpl-train --method accepts {', '.join(trainable())}.")
     method = get(cfg.method)
     if not method.trainable:
-        from rpl.methods import trainable
-
         raise RPLInputError(f"method={cfg.method!r} does not train (a {method.kind} score); rpl-train --method accepts "
                             f"{', '.join(trainable())}.")
     segmenter, spec = build_base_segmenter(cfg, device)

@@ -28,6 +28,17 @@ def test_unknown_method_lists_the_known_ones():
         build_model(load_config(None, ["method=energy", "segmenter.weights=null"]), torch.device("cpu"))
 
 
+def test_rpl_train_refuses_an_unknown_method_listing_only_trainable_ones(tmp_path, capsys):
+    from rpl.cli.train import main
+
+    assert main(["--method", "nope", "--work-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    accepted = err.split("accepts", 1)[1]
+    assert "unknown method 'nope'" in err and "rpl" in accepted and "pebal" in accepted
+    assert "energy" not in accepted and "Traceback" not in err
+    assert not (tmp_path / "run" / "last.pt").exists()
+
+
 def test_a_registered_method_is_scored_by_the_evaluator(monkeypatch):
     """What adding a method takes: a registered class. The evaluator then scores it with no other change."""
     class Negated(Method):
