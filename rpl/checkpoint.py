@@ -397,6 +397,7 @@ def from_checkpoint(path: str | os.PathLike, *, weights: str | os.PathLike | Non
 
     ``out = model(images)`` then gives ``out.logits`` and ``out.anomaly`` (the method's score map);
     images are normalised with ``model.segmenter_spec.mean/std`` (the recorded normalisation) first.
+    ``model.method_name`` is the checkpoint's method (``rpl.methods.method_of``).
     The recorded factory must be a listed one (``rpl.models.factories``) and its weights file must lie
     next to the checkpoint: ``weights`` names the segmenter weights yourself, ``trust_checkpoint=True``
     allows an unlisted factory after you have read it (the refusal message prints the call).
@@ -415,6 +416,7 @@ def from_checkpoint(path: str | os.PathLike, *, weights: str | os.PathLike | Non
     segmenter = build_segmenter(spec, recorded_in=path, trust_checkpoint=trust_checkpoint, weights=weights)
     model = get(meta["method"]).load(path, segmenter.to(device)).to(device).eval()
     model.segmenter_spec = spec
+    model.method_name = meta["method"]  # rpl.methods.method_of: what rpl-predict / rpl-export score by default
     return model
 
 

@@ -7,8 +7,11 @@ Inputs and outputs of the graph:
 - ``images``: float32 ``(N, 3, H, W)`` already normalised (``(x / 255 - mean) / std``), or with
   ``preprocess`` uint8 ``(N, H, W, 3)`` RGB, converted and normalised inside the graph;
 - ``logits``: float32 ``(N, K, H', W')``, the segmenter's own closed-set logits (``out.logits``);
-- ``anomaly``: float32 ``(N, H', W')``, the method's score map as the model computes it (for ``rpl``
-  the energy of the perturbed logits with its Gaussian blur), higher = more anomalous.
+- ``anomaly``: float32 ``(N, H', W')``, the method's score map as ``rpl-eval`` scores it, higher =
+  more anomalous: by default the model's own method (``rpl.methods.method_of``; ``rpl``: the energy
+  of the perturbed logits with its Gaussian blur, ``pebal``: the blurred energy of the K class
+  logits), or a post-hoc score of the closed-set logits. Each method's scorer comes from the method
+  registry (``Method.export_scorer``: its ``scorer``, or an equal one the tracer can export).
 Batch, height and width are dynamic axes when the segmenter's graph allows it: the export is
 checked with onnxruntime at a second size, and where that fails the graph is re-exported at the
 fixed size with a message that says so. The opset is recorded in the file's metadata
@@ -25,14 +28,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from rpl.errors import RPLInputError
-from rpl.evaluation import Preprocess
-from rpl.prediction import check_methods, method_scores
-from rpl.scores import energy
-from rpl.wrapping import RPLSegmenter, extract_logits
+from rpl.evaluation import EvalOptions, Preprocess
+from rpl.prediction import available_methods, check_methods
+from rpl.scores import gaussian_kernel  # noqa: F401  (kept importable here, where it used to live)
+from rpl.wrapping import extract_logits
 
 DEFAULT_OPSET = 17
 INPUT, OUTPUTS = "images", ("logits", "anomaly")
@@ -48,22 +50,27 @@ def onnx_modules() -> tuple[Any, Any]:
     return onnx, onnxruntime
 
 
-def gaussian_kernel(size: int, sigma: float) -> torch.Tensor:
-    """The ``(1, 1, size, size)`` kernel of ``rpl.scores.smooth`` (torchvision's Gaussian blur)."""
-    half = (size - 1) * 0.5
-    pdf = torch.exp(-0.5 * (torch.linspace(-half, half, size) / sigma) ** 2)
-    k1 = pdf / pdf.sum()
-    return (k1[:, None] * k1[None, :]).view(1, 1, size, size)
-
-
 class ExportGraph(nn.Module):
-    """What is exported: optional uint8 NHWC preprocessing, one forward, ``(logits, anomaly)``."""
+    """What is exported: optional uint8 NHWC preprocessing, one forward, ``(logits, anomaly)``.
 
-    def __init__(self, model: nn.Module, method: str = "rpl", preprocess: Preprocess | None = None):
+    ``method`` None: the model's own method (``rpl.methods.method_of``).
+    """
+
+    def __init__(self, model: nn.Module, method: str | None = None, preprocess: Preprocess | None = None):
+        from rpl.methods import get, method_of
+
         super().__init__()
         self.model = model
-        self.wrapped = isinstance(model, RPLSegmenter)
-        self.method = check_methods([method], self.wrapped)[0]
+        self.wrapped = hasattr(model, "segmenter")  # a method's model around a segmenter (as rpl-eval decides)
+        own = method_of(model)
+        if method is None:
+            if own is None:
+                raise RPLInputError(f"to_onnx: the model ({type(model).__name__}) is a bare segmenter with no method "
+                                    f"of its own; pass method=NAME, one of {', '.join(available_methods(None))}.")
+            method = own
+        self.method = check_methods([method], own, option="--method")[0]
+        get(self.method).check_model(model)
+        self.scorer = get(self.method).export_scorer(model, EvalOptions(methods=(self.method,), progress=False))
         self.include_preprocess = preprocess is not None
         if preprocess is not None and preprocess.resize is not None:
             raise RPLInputError("to_onnx: the graph's preprocessing does not resize; resize images before feeding "
@@ -72,30 +79,14 @@ class ExportGraph(nn.Module):
         std = preprocess.std if preprocess is not None and preprocess.std else (1.0, 1.0, 1.0)
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
-        smoothing = model.smoothing if self.wrapped and self.method == "rpl" else None
-        self.blur_size = int(smoothing[0]) if smoothing else 0
-        kernel = gaussian_kernel(*smoothing) if smoothing else torch.ones(1, 1, 1, 1)
-        self.register_buffer("kernel", kernel, persistent=False)
-
-    def _rpl_anomaly(self, out: Any) -> torch.Tensor:
-        """``out.anomaly`` as a fixed-kernel convolution: torchvision's blur builds its kernel from the
-        input's shape, which the ONNX tracer cannot export with dynamic sizes."""
-        s = energy(out.anomaly_logits)
-        if not self.blur_size:
-            return s
-        pad = self.blur_size // 2
-        s = F.pad(s.unsqueeze(1), [pad, pad, pad, pad], mode="reflect")
-        return F.conv2d(s, self.kernel).squeeze(1)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = images
         if self.include_preprocess:
             x = (images.permute(0, 3, 1, 2).float() / 255.0 - self.mean) / self.std
         out = self.model(x)
-        if self.wrapped and self.method == "rpl":
-            return out.logits, self._rpl_anomaly(out)
-        logits, wrapped_out = (out.logits, out) if self.wrapped else (extract_logits(out), None)
-        return logits, method_scores([self.method], logits, wrapped_out)[self.method]
+        logits, method_out = (out.logits, out) if self.wrapped else (extract_logits(out), None)
+        return logits, self.scorer(x, logits, method_out)
 
 
 @dataclass
@@ -165,10 +156,12 @@ def _record(path: Path, info: dict[str, Any]) -> None:
     onnx.save(proto, str(path))
 
 
-def to_onnx(model: nn.Module, path: str | os.PathLike, *, method: str = "rpl", preprocess: Preprocess | None = None,
+def to_onnx(model: nn.Module, path: str | os.PathLike, *, method: str | None = None, preprocess: Preprocess | None = None,
             sample_size: Sequence[int] = (256, 512), opset: int = DEFAULT_OPSET, dynamic: bool = True,
             verify: bool = True) -> ExportInfo:
-    """Export ``model`` (an ``RPLSegmenter``, or a bare segmenter with a post-hoc ``method``) to ``path``.
+    """Export ``model`` (any method's model, or a bare segmenter with a post-hoc ``method``) to ``path``.
+
+    ``method`` None: the model's own method (``rpl.methods.method_of``), else its name.
 
     ``preprocess`` (its mean/std) moves the uint8 -> normalised conversion into the graph. With
     ``dynamic``, the graph is traced at ``sample_size`` and checked with onnxruntime at another size

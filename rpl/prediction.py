@@ -5,11 +5,17 @@
     result.prediction                # (B, H, W) uint8 argmax of the closed-set logits
     result.scores["rpl"]             # (B, H, W) float32, higher = more anomalous
 
-The path is ``rpl-eval``'s: the same ``Preprocess``, one forward of the model, the same score
-functions, and the same bilinear resize of scores and logits to the input size, so a map written
-here equals what ``rpl-eval`` scores for that image. ``rpl`` is the wrapped model's blurred energy;
-the post-hoc scores (``energy``, ``msp``, ``maxlogit``, ``entropy``) come from the closed-set logits
-of the same forward and are not blurred (as in ``rpl-eval`` without ``--smooth-baselines``).
+The path is ``rpl-eval``'s: the same ``Preprocess``, one forward of the model, the same scorers of
+the method registry (``rpl.methods.get(name).scorer``), and the same bilinear resize of scores and
+logits to the input size, so a map written here equals what ``rpl-eval`` scores for that image.
+
+A model scores its own method (``rpl.methods.method_of``: the checkpoint's method, e.g. ``rpl`` or
+``pebal``, the default) and every post-hoc score (``energy``, ``msp``, ``maxlogit``, ``entropy``,
+and any other registered post-hoc method) of its closed-set logits: ``out.logits`` for a method's
+model, the segmenter's output for a bare segmenter; unblurred, as in ``rpl-eval`` without
+``--smooth-baselines``. Another method's score is refused (it needs that method's checkpoint), and
+so is a method that needs more than the one forward (``Method.one_forward``: MC dropout, which
+``rpl-eval`` runs).
 
 Score maps saved as 16-bit PNG are mapped linearly from a fixed range ``[low, high]`` to
 ``0..65535`` (values outside clip); the range is fixed for a whole run (see ``ScoreRange``) so that
@@ -18,46 +24,56 @@ grey levels of different images compare.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
 from rpl.errors import RPLInputError
-from rpl.evaluation import Preprocess, resize_logits, resize_scores
-from rpl.scores import SCORES
-from rpl.wrapping import RPLSegmenter, extract_logits
+from rpl.evaluation import EvalOptions, Preprocess, resize_logits, resize_scores
+from rpl.wrapping import extract_logits
 
 UINT16_MAX = 65535
 RANGE_MARGIN = 0.5  # an automatic range extends the first image's span by this fraction on each side
 
 
-def available_methods(wrapped: bool) -> tuple[str, ...]:
-    """Method names a model can score: ``rpl`` with an add-on, the post-hoc scores always."""
-    return (("rpl",) if wrapped else ()) + tuple(SCORES)
+def available_methods(own: str | None) -> tuple[str, ...]:
+    """Method names a model of method ``own`` (None: a bare segmenter) can score here: its own and
+    the registered post-hoc methods that score one forward."""
+    from rpl.methods import available, get
+
+    post_hoc = tuple(n for n in available() if get(n).kind == "post-hoc" and get(n).one_forward)
+    return ((own,) if own else ()) + tuple(n for n in post_hoc if n != own)
 
 
-def check_methods(methods: Sequence[str], wrapped: bool) -> tuple[str, ...]:
-    known = available_methods(wrapped)
+def check_methods(methods: Sequence[str], own: str | None, where: str = "the model",
+                  option: str = "--methods") -> tuple[str, ...]:
+    """Validated, de-duplicated names for a model whose method is ``own`` (``where`` names it in errors).
+
+    Every name must be registered and score one forward; a method that is not post-hoc must be
+    ``own`` (when ``own`` is None, the model's ``check_model`` decides: see :class:`Predictor`).
+    """
+    from rpl.methods import available, get
+
+    known = available_methods(own)
+    gives = f"{where}{f' (method {own!r})' if own else ''} gives {', '.join(known)}"
     out: list[str] = []
     for m in methods:
-        if m not in known:
-            hint = " (rpl needs a checkpoint with an add-on)" if m == "rpl" else ""
-            raise RPLInputError(f"--methods: unknown method {m!r}{hint}; available: {', '.join(known)}.")
+        if m not in available():
+            raise RPLInputError(f"{option}: unknown method {m!r}; {gives}.")
+        method = get(m)
+        if not method.one_forward:
+            raise RPLInputError(f"{option} {m}: {m} scores several forward passes of each image, and rpl-predict / "
+                                f"rpl-export score one; evaluate it with rpl-eval --methods {m}. {gives}.")
+        if method.kind != "post-hoc" and own is not None and m != own:
+            raise RPLInputError(f"{option} {m}: {where} holds method {own!r}, not {m!r}; {gives}. Pass a {m} "
+                                f"checkpoint, or leave {m} out of {option}.")
         if m not in out:
             out.append(m)
     if not out:
-        raise RPLInputError(f"--methods names nothing; available: {', '.join(known)}.")
+        raise RPLInputError(f"{option} names nothing; {gives}.")
     return tuple(out)
-
-
-def method_scores(methods: Sequence[str], logits: torch.Tensor, out: Any) -> dict[str, torch.Tensor]:
-    """``(B, h, w)`` score map of each method from one forward (``out`` is the ``RPLOutput`` or None).
-
-    The one place where a method name becomes a score map.
-    """
-    return {m: (out.anomaly if m == "rpl" else SCORES[m](logits)) for m in methods}
 
 
 @dataclass
@@ -68,18 +84,34 @@ class PredictionBatch:
 
 
 class Predictor:
-    """One model, its preprocessing and methods: uint8 image batches in, labels and score maps out."""
+    """One model, its preprocessing and methods: uint8 image batches in, labels and score maps out.
 
-    def __init__(self, model: nn.Module, methods: Sequence[str] = ("rpl",), preprocess: Preprocess | None = None,
+    ``methods`` None: the model's own method (``rpl.methods.method_of``); a bare segmenter has none
+    and needs post-hoc names.
+    """
+
+    def __init__(self, model: nn.Module, methods: Sequence[str] | None = None, preprocess: Preprocess | None = None,
                  device: str | torch.device | None = None, amp: bool = False):
-        self.wrapped = isinstance(model, RPLSegmenter)
-        self.methods = check_methods(methods, self.wrapped)
+        from rpl.methods import get, method_of
+
+        self.wrapped = hasattr(model, "segmenter")  # a method's model around a segmenter (as rpl-eval decides)
+        self.method = method_of(model)
+        if methods is None:
+            if self.method is None:
+                raise RPLInputError(f"the model ({type(model).__name__}) is a bare segmenter with no method of its own; "
+                                    f"name the methods to score: {', '.join(available_methods(None))}.")
+            methods = (self.method,)
+        self.methods = check_methods(methods, self.method)
+        for m in self.methods:
+            get(m).check_model(model)
         self.preprocess = preprocess or Preprocess()
         if device is None:
             device = next((p.device for p in model.parameters()), torch.device("cpu"))
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.amp = amp
+        options = EvalOptions(methods=self.methods, amp=amp, progress=False)  # rpl-eval's defaults
+        self.scorers = {m: get(m).scorer(self.model, options) for m in self.methods}
 
     def _amp_dtype(self) -> torch.dtype:
         if self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
@@ -92,8 +124,8 @@ class Predictor:
         x = self.preprocess(images.to(self.device, non_blocking=True))
         with torch.autocast(self.device.type, dtype=self._amp_dtype(), enabled=self.amp):
             out = self.model(x)
-        logits, wrapped_out = (out.logits, out) if self.wrapped else (extract_logits(out), None)
-        scores = {m: resize_scores(s, size) for m, s in method_scores(self.methods, logits, wrapped_out).items()}
+        logits, method_out = (out.logits, out) if self.wrapped else (extract_logits(out), None)
+        scores = {m: resize_scores(score(x, logits, method_out), size) for m, score in self.scorers.items()}
         prediction = resize_logits(logits, size).argmax(1).to(torch.uint8)
         return PredictionBatch(prediction, scores, tuple(logits.shape[-2:]))
 

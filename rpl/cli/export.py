@@ -3,12 +3,15 @@
 Examples:
   rpl-export --out model.onnx                                     # the shipped add-on and segmenter
   rpl-export --checkpoint work_dirs/rpl/best.safetensors --out model.onnx --include-preprocess
+  rpl-export --checkpoint weights/pebal_synthstreets.safetensors --out pebal.onnx   # any method's checkpoint
 
 Inputs and outputs of the graph:
   images   float32 (N, 3, H, W), normalised with the checkpoint's mean/std; with --include-preprocess
            uint8 (N, H, W, 3) RGB, normalised inside the graph
   logits   float32 (N, K, H, W): the segmenter's own closed-set logits
-  anomaly  float32 (N, H, W): the method's score map (rpl: energy of the perturbed logits, blurred)
+  anomaly  float32 (N, H, W): the score map of --method, by default the checkpoint's own method (rpl:
+           energy of the perturbed logits, blurred; pebal: energy of the class logits, blurred), as
+           rpl-eval scores it
 Batch, height and width are dynamic when the segmenter allows it (checked with onnxruntime at a
 second size; otherwise the graph is exported at the fixed --size and the command says so). The
 export is verified against eager torch with onnxruntime (pip install 'rpl[export]') unless --no-verify.
@@ -30,11 +33,13 @@ DEFAULT_OPSET = 17
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rpl-export", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", metavar="FILE", help="RPL add-on (.safetensors from rpl-train) whose recorded segmenter is "
-                                        "exported with it (default: the shipped weights/rpl_synthstreets.safetensors)")
+    p.add_argument("--checkpoint", metavar="FILE", help="a checkpoint of any method (.safetensors from rpl-train), exported "
+                                        "with the segmenter it records (default: the shipped "
+                                        "weights/rpl_synthstreets.safetensors)")
     p.add_argument("--out", required=True, metavar="FILE", help="the .onnx file to write (required)")
-    p.add_argument("--method", default="rpl", metavar="NAME",
-                   help="the anomaly output: rpl, energy, msp, maxlogit or entropy (default: rpl)")
+    p.add_argument("--method", metavar="NAME",
+                   help="the anomaly output: the checkpoint's own method (rpl, pebal, ...) or a post-hoc score energy, "
+                        "msp, maxlogit or entropy (default: the checkpoint's own method)")
     p.add_argument("--include-preprocess", action="store_true",
                    help="take uint8 (N, H, W, 3) RGB and normalise inside the graph (default: off, float NCHW input)")
     p.add_argument("--size", default=DEFAULT_SIZE, metavar="HxW",
@@ -62,17 +67,22 @@ def _run(args: argparse.Namespace) -> int:
     from rpl.cli.predict import load_model
     from rpl.evaluation import Preprocess
     from rpl.export import onnx_modules, to_onnx
+    from rpl.prediction import check_methods
 
     size = _size(args.size)
     if not args.no_verify:
         onnx_modules()  # a missing package is said before minutes of tracing
     checkpoint = Path(args.checkpoint) if args.checkpoint else DEFAULT_CHECKPOINT
-    spec = (read_metadata(checkpoint).get("extra") or {}).get("segmenter") or {}
+    meta = read_metadata(checkpoint)
+    own = meta["method"]
+    method = check_methods([args.method or own], own, where=f"checkpoint {checkpoint}",
+                           option="--method")[0]  # before the model loads
+    spec = (meta.get("extra") or {}).get("segmenter") or {}
     mean, std = spec.get("mean"), spec.get("std")
     model = load_model(checkpoint, torch.device("cpu"))
     preprocess = Preprocess(mean=tuple(mean) if mean else None, std=tuple(std) if std else None) \
         if args.include_preprocess else None
-    info = to_onnx(model, out, method=args.method, preprocess=preprocess, sample_size=size, opset=args.opset,
+    info = to_onnx(model, out, method=method, preprocess=preprocess, sample_size=size, opset=args.opset,
                    dynamic=not args.static, verify=not args.no_verify)
     if info.note:
         print(f"rpl-export: note: {info.note}", file=sys.stderr)

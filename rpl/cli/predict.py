@@ -4,6 +4,11 @@ Examples:
   rpl-predict data/synthstreets/synthstreets-anomaly/images       # shipped model, overlays + maps
   rpl-predict 'shots/**/*.jpg' drive.mp4 --save overlay,mask --threshold 2.5 --save-video
   rpl-predict --smiyc-layout submission --method-name RPL datasets/dataset_AnomalyTrack/images
+  rpl-predict shots/ --checkpoint weights/pebal_synthstreets.safetensors --methods pebal,energy
+
+--checkpoint is a checkpoint of any method, run on the segmenter it records; --methods defaults to
+the checkpoint's own method (rpl, pebal, ...), and the post-hoc scores of its closed-set logits
+can be added.
 
 INPUT is any mix of image files, folders (searched recursively), glob patterns (quote them) and
 video files (read frame by frame). Outputs go below --out (default work_dirs/predict):
@@ -21,7 +26,7 @@ a file, VIDEO/NNNNNN for video frames. Scores and labels are at the input resolu
 rpl-eval's for the same model and image.
 
 The mask threshold is --threshold, or the FPR@95 / best-F1 threshold that the checkpoint recorded in
-its validation run (--threshold-from; rpl only). Unreadable files are reported and skipped (exit code
+its validation run (--threshold-from; for the checkpoint's own method). Unreadable files are reported and skipped (exit code
 0 unless nothing could be read, or with --strict). Existing outputs are overwritten only with
 --overwrite.
 """
@@ -51,10 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rpl-predict", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("inputs", nargs="*", metavar="INPUT", help="image files, folders, glob patterns or video files")
-    p.add_argument("--checkpoint", metavar="FILE", help="RPL add-on (.safetensors from rpl-train) whose recorded segmenter is "
-                                        "used (default: the shipped weights/rpl_synthstreets.safetensors)")
-    p.add_argument("--methods", default="rpl", metavar="LIST",
-                   help="comma-separated: rpl, energy, msp, maxlogit, entropy (default: rpl)")
+    p.add_argument("--checkpoint", metavar="FILE", help="a checkpoint of any method (.safetensors from rpl-train), run on "
+                                        "the segmenter it records (default: the shipped "
+                                        "weights/rpl_synthstreets.safetensors)")
+    p.add_argument("--methods", metavar="LIST",
+                   help="comma-separated: the checkpoint's own method (rpl, pebal, ...) and/or the post-hoc scores "
+                        "energy, msp, maxlogit, entropy (default: the checkpoint's own method)")
     out = p.add_argument_group("outputs")
     out.add_argument("--out", default=str(DEFAULT_OUT), metavar="DIR", help=f"output folder (default: {DEFAULT_OUT})")
     out.add_argument("--save", metavar="KINDS",
@@ -69,10 +76,10 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--threshold", metavar="T",
                      help="anomaly threshold for masks and area statistics: one number for every method, or "
                           "METHOD=T,...; write --threshold=-2.5 for a negative T (default: the checkpoint's validation "
-                          "threshold for rpl, if recorded)")
+                          "threshold for its own method, if recorded)")
     out.add_argument("--threshold-from", choices=THRESHOLD_SOURCES, default="fpr95",
-                     help="which recorded validation threshold rpl uses without --threshold: fpr95 (TPR 95 %%) "
-                          "or best-f1 (default: fpr95)")
+                     help="which recorded validation threshold the checkpoint's own method uses without --threshold: "
+                          "fpr95 (TPR 95 %%) or best-f1 (default: fpr95)")
     out.add_argument("--save-video", action="store_true",
                      help="also write an mp4 overlay video per video input and method (default: off)")
     out.add_argument("--overwrite", action="store_true", help="replace existing outputs (default: refuse)")
@@ -123,12 +130,12 @@ def _floats(value: str, option: str, n: int) -> tuple[float, ...]:
 
 
 def _thresholds(value: str | None, methods: Sequence[str], recorded: float | None,
-                source: str) -> dict[str, tuple[float, str]]:
-    """Threshold and where it comes from, per method that has one."""
+                source: str, own: str) -> dict[str, tuple[float, str]]:
+    """Threshold and where it comes from, per method that has one (``recorded``: the checkpoint's, for ``own``)."""
     out: dict[str, tuple[float, str]] = {}
     if value is None:
-        if recorded is not None and "rpl" in methods:
-            out["rpl"] = (float(recorded), f"checkpoint validation ({source})")
+        if recorded is not None and own in methods:
+            out[own] = (float(recorded), f"checkpoint validation ({source})")
         return out
     if "=" not in value:
         t = _floats(value, "--threshold", 1)[0]
@@ -143,14 +150,14 @@ def _thresholds(value: str | None, methods: Sequence[str], recorded: float | Non
 
 
 def recorded_threshold(meta: dict[str, Any], source: str) -> float | None:
-    """The rpl threshold the checkpoint's validation run recorded (``extra.metrics.val``), if any."""
+    """The threshold of the checkpoint's own method that its validation run recorded (``extra.metrics.val``), if any."""
     val = ((meta.get("extra") or {}).get("metrics") or {}).get("val") or {}
     value = val.get("fpr95_threshold" if source == "fpr95" else "best_f1_threshold")
     return float(value) if isinstance(value, (int, float)) else None
 
 
 def load_model(checkpoint: Path, device: Any) -> Any:
-    """The checkpoint's recorded segmenter wrapped with its add-on, on ``device``, in eval mode.
+    """The model of the checkpoint (any method) on its recorded segmenter, on ``device``, in eval mode.
 
     ``rpl.from_checkpoint``'s rules apply: only listed segmenter factories, weights next to the file.
     """
@@ -409,7 +416,9 @@ def _run(args: argparse.Namespace) -> int:
 
     checkpoint = Path(args.checkpoint) if args.checkpoint else DEFAULT_CHECKPOINT
     meta = read_metadata(checkpoint)
-    methods = check_methods([m.strip() for m in args.methods.split(",") if m.strip()], wrapped=True)
+    own = meta["method"]
+    methods = check_methods([m.strip() for m in args.methods.split(",") if m.strip()] if args.methods is not None
+                            else [own], own, where=f"checkpoint {checkpoint}")
     smiyc = None
     if smiyc_on:
         from rpl.smiyc import check_name, dataset_of, frame_id, h5py_module
@@ -440,11 +449,11 @@ def _run(args: argparse.Namespace) -> int:
         smiyc = (Path(args.smiyc_layout), check_name(args.method_name, "--method-name"),
                  check_name(dataset, "--smiyc-dataset"))
     recorded = recorded_threshold(meta, args.threshold_from)
-    thresholds = _thresholds(args.threshold, methods, recorded, args.threshold_from)
+    thresholds = _thresholds(args.threshold, methods, recorded, args.threshold_from, own)
     missing = [m for m in methods if m not in thresholds]
     if "mask" in kinds and missing:
         why = (f"checkpoint {checkpoint} records no {args.threshold_from} threshold from its validation run"
-               if "rpl" in missing else "only rpl has a recorded threshold")
+               if own in missing else f"only the checkpoint's own method, {own}, has a recorded threshold")
         raise RPLInputError(f"--save mask needs a threshold for {', '.join(missing)}: {why}. Pass --threshold T "
                             "(one number for every method, or METHOD=T,...).")
     ranges = ScoreRange(*_floats(args.score_range, "--score-range", 2)) if args.score_range else ScoreRange()

@@ -3,6 +3,7 @@
     rpl.methods.available()              # ['energy', 'entropy', 'maxlogit', 'mcdropout', 'msp', 'pebal', 'rpl']
     method = rpl.methods.get("pebal")
     model = method.load("pebal.safetensors")   # forward -> .logits (B, K, H, W) and .anomaly (B, H, W)
+    rpl.methods.method_of(model)               # 'pebal': the method a model belongs to (None: bare segmenter)
 
 A method says how it is built on a segmenter (nothing, a frozen add-on, or a fine-tuned copy with
 extra channels), which parameters train, its loss on a training batch, how it scores an image
@@ -68,9 +69,43 @@ def trainable() -> list[str]:
 def load(path, segmenter=None, **kwargs):
     """The model of any method's checkpoint: its forward returns ``.logits`` and ``.anomaly``.
 
-    The method is read from the file's metadata; ``segmenter`` None builds the segmenter the
-    checkpoint records (add-on methods) or its stored tuned copy (fine-tuned methods).
+    The method is read from the file's metadata (and recorded as ``model.method_name``, see
+    :func:`method_of`); ``segmenter`` None builds the segmenter the checkpoint records (add-on
+    methods) or its stored tuned copy (fine-tuned methods).
     """
     from rpl.checkpoint import read_metadata
 
-    return get(read_metadata(path)["method"]).load(path, segmenter, **kwargs)
+    name = read_metadata(path)["method"]
+    model = get(name).load(path, segmenter, **kwargs)
+    model.method_name = name
+    return model
+
+
+def method_of(model) -> str | None:
+    """The name of the method ``model`` belongs to, or None for a bare segmenter (post-hoc scores only).
+
+    ``model.method_name`` when set: ``rpl.from_checkpoint`` and :func:`load` record the checkpoint's
+    method there. Otherwise, for a model around a segmenter (it has ``.segmenter``, as the models of
+    add-on and fine-tuned methods do, e.g. one just built by ``Method.build``), the one method that
+    is not post-hoc whose ``check_model`` accepts it; none gives None, several an input error.
+    """
+    name = getattr(model, "method_name", None)
+    if isinstance(name, str):
+        return get(name).name
+    if not hasattr(model, "segmenter"):
+        return None
+    accepted = []
+    for n in available():
+        method = _REGISTRY[n]
+        if method.kind == "post-hoc":
+            continue
+        try:
+            method.check_model(model)
+        except RPLInputError:
+            continue
+        accepted.append(n)
+    if len(accepted) > 1:
+        raise RPLInputError(f"cannot tell which method the {type(model).__name__} model belongs to: "
+                            f"{', '.join(accepted)} all accept it; set model.method_name = NAME (rpl.from_checkpoint "
+                            "and rpl.methods.load record it).")
+    return accepted[0] if accepted else None

@@ -4,7 +4,10 @@ Scoring contract (evaluation, ``rpl-eval``): ``method.scorer(model, options)`` r
 ``(x, logits, out) -> (B, h, w)`` score map (higher = more anomalous) computed from one forward of
 ``model``: ``x`` the network input, ``logits`` the closed-set logits, ``out`` the model's own output
 (``None`` for a bare segmenter). Models built by trainable methods return an object with
-``.logits`` (closed-set, ``(B, K, H, W)``) and ``.anomaly`` (the method's score map).
+``.logits`` (closed-set, ``(B, K, H, W)``) and ``.anomaly`` (the method's score map). The same
+scorers serve ``rpl-predict`` (``rpl.prediction.Predictor``) and ``rpl-export`` (through
+:meth:`Method.export_scorer`, traced into the ONNX graph); both refuse a method whose score needs
+more than the one forward (``one_forward = False``: MC dropout).
 
 Training contract (``rpl-train --method NAME``): :meth:`Method.build` makes the model to train
 from a segmenter, :meth:`Method.parameter_groups` says which parameters train, :meth:`Method.loss`
@@ -52,6 +55,7 @@ class Method:
     kind: ClassVar[str]  # "post-hoc" (scores any segmenter's logits), "add-on" (frozen segmenter), "fine-tune"
     trainable: ClassVar[bool] = False
     summary: ClassVar[str] = ""
+    one_forward: ClassVar[bool] = True  # the score comes from the one forward (x, logits, out) alone
 
     # -- scoring ---------------------------------------------------------------------------------
     def check_model(self, model: nn.Module) -> None:
@@ -59,6 +63,12 @@ class Method:
 
     def scorer(self, model: nn.Module, options: Any) -> Scorer:
         raise NotImplementedError
+
+    def export_scorer(self, model: nn.Module, options: Any) -> Scorer:
+        """The scorer ``rpl-export`` traces into its ONNX graph: :meth:`scorer` unless that does
+        something the tracer cannot export at dynamic sizes (RPL and PEBAL blur with
+        ``rpl.scores.exportable_smooth`` instead of torchvision's blur); it must give the same map."""
+        return self.scorer(model, options)
 
     # -- training (trainable methods) ------------------------------------------------------------
     def build(self, segmenter: nn.Module, config: Any) -> nn.Module:

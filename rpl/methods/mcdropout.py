@@ -77,6 +77,7 @@ class MCDropout(Method):
     name = "mcdropout"
     kind = "post-hoc"
     summary = "mean softmax entropy over passes with dropout on"
+    one_forward = False  # rpl-eval only: rpl-predict and rpl-export score one forward
 
     def scorer(self, model: nn.Module, options: Any) -> Scorer:
         from rpl.wrapping import extract_logits

@@ -236,6 +236,14 @@ class PEBAL(Method):
         self.check_model(model)
         return lambda x, logits, out: out.anomaly
 
+    def export_scorer(self, model: nn.Module, options: Any) -> Scorer:
+        """``out.anomaly`` (energy of the K class logits, blurred) with a blur the ONNX tracer exports."""
+        from rpl.scores import exportable_smooth
+
+        self.check_model(model)
+        blur = exportable_smooth(model.smoothing)
+        return lambda x, logits, out: blur(energy(out.logits))
+
     # -- training --------------------------------------------------------------------------------
     def build(self, segmenter: nn.Module, config: Any) -> nn.Module:
         opts = config.method_options(self.name)

@@ -37,6 +37,14 @@ class RPL(Method):
         self.check_model(model)
         return lambda x, logits, out: out.anomaly
 
+    def export_scorer(self, model: nn.Module, options: Any) -> Scorer:
+        """``out.anomaly`` (energy of the perturbed logits, blurred) with a blur the ONNX tracer exports."""
+        from rpl.scores import energy, exportable_smooth
+
+        self.check_model(model)
+        blur = exportable_smooth(model.smoothing)
+        return lambda x, logits, out: blur(energy(out.anomaly_logits))
+
     # -- training --------------------------------------------------------------------------------
     def build(self, segmenter: nn.Module, config: Any) -> nn.Module:
         from rpl.blocks import BlockConfig
