@@ -46,3 +46,30 @@ def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
             m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
             m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
     return model
+
+
+def tuned_pebal(segmenter: nn.Module, num_classes: int, seed: int = 1) -> nn.Module:
+    """A PEBAL model built on ``segmenter`` (``rpl.methods.get("pebal").build``) with every weight moved
+    away from the base, as training would move them; in eval mode."""
+    from rpl.config import load_config
+    from rpl.methods import get
+
+    model = get("pebal").build(segmenter, load_config(None, ["method=pebal", f"segmenter.num_classes={num_classes}"]))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+def save_pebal_checkpoint(path, segmenter: nn.Module, num_classes: int, extra: dict) -> "object":
+    """Write a PEBAL checkpoint fine-tuned (see :func:`tuned_pebal`) from ``segmenter``, which stays untouched;
+    ``extra`` should record the segmenter (``extra.segmenter``) for ``rpl.from_checkpoint``."""
+    import copy
+
+    from rpl.checkpoint import fingerprint
+    from rpl.methods import get
+
+    base = copy.deepcopy(segmenter)
+    base_fingerprint = fingerprint(base)
+    return get("pebal").save(path, tuned_pebal(base, num_classes), extra=extra, base_fingerprint=base_fingerprint)

@@ -21,6 +21,7 @@ from rpl.evaluation import EvalOptions, Evaluator, Preprocess, resize_logits, re
 from rpl.models import DeepLabV3Plus, SegmenterSpec, build_segmenter
 from rpl.prediction import from_uint16
 from rpl.visualize import CITYSCAPES_PALETTE, overlay
+from models_for_tests import ToySegmenter, save_pebal_checkpoint, tuned_pebal
 
 KWARGS = dict(backbone="resnet18", num_classes=19, aspp_width=16, decoder_width=16)
 REPO = Path(__file__).resolve().parent.parent
@@ -33,6 +34,7 @@ class World:
     root: Path
     checkpoint: Path
     images: Path  # three 32x64 PNGs and one 48x80 JPEG in a subfolder
+    pebal: Path  # a PEBAL checkpoint fine-tuned from the same segmenter
 
 
 def street(rng: np.random.Generator, size=(32, 64)) -> np.ndarray:
@@ -51,6 +53,7 @@ def world(tmp_path_factory) -> World:
     segmenter = DeepLabV3Plus(**KWARGS).eval()
     save_file({k: v.contiguous() for k, v in segmenter.state_dict().items()}, str(root / "segmenter.safetensors"))
     spec = SegmenterSpec(model="rpl.models:build_model", kwargs=KWARGS, weights="segmenter.safetensors")
+    pebal = save_pebal_checkpoint(root / "pebal.safetensors", segmenter, 19, {"segmenter": spec.to_dict()})
     model = rpl.wrap(segmenter, block={"width": 16})
     checkpoint = rpl.save(root / "addon.safetensors", model, extra={"segmenter": spec.to_dict()})
     rng = np.random.default_rng(0)
@@ -58,7 +61,7 @@ def world(tmp_path_factory) -> World:
     for i in range(3):
         write_image(images / f"frame_{i:03d}.png", street(rng))
     write_image(images / "more" / "big.jpg", street(rng, (48, 80)))
-    return World(root, checkpoint, images)
+    return World(root, checkpoint, images, pebal)
 
 
 def load_model(world: World):
@@ -368,3 +371,168 @@ def test_resize_keeps_outputs_at_the_input_size(world, tmp_path):
         from PIL import Image
 
         assert np.asarray(Image.open(item["outputs"]["prediction"])).shape == (32, 64)
+
+
+# -- every method of the registry -----------------------------------------------------------------
+def own_maps(model, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``model(x).anomaly``, ``energy(model(x).logits)`` and the argmax, resized to the image as rpl-eval does."""
+    with torch.inference_mode():
+        out = model(Preprocess()(torch.from_numpy(image[None])))
+        size = image.shape[:2]
+        return (resize_scores(out.anomaly, size)[0].numpy(), resize_scores(rpl.scores.energy(out.logits), size)[0].numpy(),
+                resize_logits(out.logits, size).argmax(1)[0].numpy())
+
+
+def test_a_pebal_checkpoint_predicts_pebal_maps_by_default(world, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert predict(str(world.images), "--checkpoint", str(world.pebal), "--out", str(out), "--save",
+                   "anomaly,prediction", "--anomaly-format", "npy32") == 0, capsys.readouterr().err
+    index = json.loads((out / "index.json").read_text())
+    assert index["methods"] == ["pebal"] and index["n_predicted"] == 4
+    assert not (out / "anomaly" / "rpl").exists()
+    model = rpl.from_checkpoint(world.pebal)
+    assert type(model).__name__ == "PEBALSegmenter" and model.method_name == "pebal"
+    rpl_model = load_model(world)
+    from PIL import Image
+
+    for item in index["items"]:
+        image = read_image(item["input"])
+        anomaly, _, labels = own_maps(model, image)
+        score = np.load(item["outputs"]["pebal"]["anomaly"])
+        assert item["outputs"]["pebal"]["anomaly"].endswith(f"anomaly/pebal/{item['name']}.npy")
+        np.testing.assert_allclose(score, anomaly, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(score, eval_scores(model, image, ("pebal",))[0]["pebal"], rtol=0, atol=1e-5)
+        assert np.abs(score - eval_scores(rpl_model, image, ("energy",))[0]["energy"]).max() > 1e-3  # tuned weights
+        np.testing.assert_array_equal(np.asarray(Image.open(item["outputs"]["prediction"])), labels)
+    both = tmp_path / "both"
+    assert predict(str(world.images / "frame_000.png"), "--checkpoint", str(world.pebal), "--out", str(both),
+                   "--methods", "pebal,energy", "--save", "anomaly", "--anomaly-format", "npy32") == 0
+    item = json.loads((both / "index.json").read_text())["items"][0]
+    anomaly, energy, _ = own_maps(model, read_image(item["input"]))
+    np.testing.assert_allclose(np.load(item["outputs"]["pebal"]["anomaly"]), anomaly, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(np.load(item["outputs"]["energy"]["anomaly"]), energy, rtol=0, atol=1e-5)
+
+
+def test_a_method_the_checkpoint_does_not_hold_is_a_clear_error(world, tmp_path, capsys):
+    image = str(world.images / "frame_000.png")
+    for checkpoint, methods, message in (
+            (world.pebal, "rpl", f"checkpoint {world.pebal} holds method 'pebal', not 'rpl'"),
+            (world.pebal, "energy,rpl", "gives pebal, energy"),
+            (world.checkpoint, "pebal", f"checkpoint {world.checkpoint} holds method 'rpl', not 'pebal'"),
+            (world.pebal, "mcdropout", "evaluate it with rpl-eval --methods mcdropout")):
+        out = tmp_path / methods
+        assert predict(image, "--checkpoint", str(checkpoint), "--out", str(out), "--methods", methods) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+        assert not out.exists()  # refused before anything is written
+
+
+def test_a_pebal_checkpoint_threshold_is_its_own(world, tmp_path, capsys):
+    meta = rpl.checkpoint.read_metadata(world.pebal)
+    recorded = tmp_path / "recorded.safetensors"
+    (tmp_path / "segmenter.safetensors").write_bytes((world.root / "segmenter.safetensors").read_bytes())
+    model = rpl.from_checkpoint(world.pebal)
+    extra = {**meta["extra"], "metrics": {"val": {"fpr95_threshold": -9.5}}}
+    rpl.methods.get("pebal").save(recorded, model, extra=extra, base_fingerprint=meta["base_fingerprint"])
+    out = tmp_path / "out"
+    assert predict(str(world.images / "frame_000.png"), "--checkpoint", str(recorded), "--out", str(out),
+                   "--save", "mask") == 0, capsys.readouterr().err
+    index = json.loads((out / "index.json").read_text())
+    assert index["thresholds"] == {"pebal": {"value": -9.5, "source": "checkpoint validation (fpr95)"}}
+    anomaly = own_maps(model, read_image(world.images / "frame_000.png"))[0]
+    mask = cv2.imread(index["items"][0]["outputs"]["pebal"]["mask"], cv2.IMREAD_UNCHANGED)
+    np.testing.assert_array_equal(mask, np.where(anomaly >= -9.5, 255, 0))
+    assert predict(str(world.images / "frame_000.png"), "--checkpoint", str(recorded), "--out", str(tmp_path / "e"),
+                   "--save", "mask", "--methods", "pebal,energy") == 2
+    assert "needs a threshold for energy: only the checkpoint's own method, pebal," in capsys.readouterr().err
+
+
+def test_predictor_scores_a_built_pebal_model_and_posthoc_scores_of_its_logits():
+    from rpl.prediction import Predictor
+
+    torch.manual_seed(0)
+    model = tuned_pebal(DeepLabV3Plus(**KWARGS).eval(), 19)  # built, never saved: its method is found by check_model
+    assert rpl.methods.method_of(model) == "pebal"
+    image = street(np.random.default_rng(7), (40, 72))
+    predictor = Predictor(model, preprocess=Preprocess(), device="cpu")
+    assert predictor.methods == ("pebal",)
+    batch = Predictor(model, ("pebal", "energy", "msp"), Preprocess(), "cpu")(torch.from_numpy(image[None]))
+    anomaly, energy, labels = own_maps(model, image)
+    np.testing.assert_allclose(batch.scores["pebal"][0].numpy(), anomaly, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(batch.scores["energy"][0].numpy(), energy, rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(batch.prediction[0].numpy(), labels)
+    with torch.inference_mode():
+        out = model(Preprocess()(torch.from_numpy(image[None])))
+    np.testing.assert_allclose(batch.scores["msp"][0].numpy(),
+                               resize_scores(rpl.scores.msp(out.logits), (40, 72))[0].numpy(), rtol=0, atol=1e-6)
+    with pytest.raises(rpl.errors.RPLInputError, match="holds method 'pebal', not 'rpl'"):
+        Predictor(model, ("rpl",))
+    with pytest.raises(rpl.errors.RPLInputError, match="bare segmenter with no method of its own"):
+        Predictor(DeepLabV3Plus(**KWARGS))
+    with pytest.raises(rpl.errors.RPLInputError, match="needs an RPL add-on"):
+        Predictor(DeepLabV3Plus(**KWARGS), ("rpl",))
+
+
+@dataclass
+class ToyOutput:
+    logits: torch.Tensor
+    anomaly: torch.Tensor
+
+
+class ToyWrapper(torch.nn.Module):
+    """A new method's model around a segmenter: ``.logits`` and its own ``.anomaly`` (half the MaxLogit)."""
+
+    def __init__(self, segmenter: torch.nn.Module):
+        super().__init__()
+        self.segmenter = segmenter
+
+    def forward(self, x: torch.Tensor) -> ToyOutput:
+        logits = self.segmenter(x)
+        return ToyOutput(logits, -0.5 * logits.float().amax(1))
+
+
+def register_toys(monkeypatch) -> None:
+    """A fine-tuned toy method with its own model and a post-hoc one, registered as a new module would."""
+    from rpl.methods.base import Method
+
+    class Toy(Method):
+        name, kind = "toy", "fine-tune"
+
+        def check_model(self, model):
+            if not isinstance(model, ToyWrapper):
+                raise rpl.errors.RPLInputError("--methods toy needs a toy model.")
+
+        def scorer(self, model, options):
+            self.check_model(model)
+            return lambda x, logits, out: out.anomaly
+
+    class Spread(Method):
+        name, kind = "spread", "post-hoc"
+
+        def scorer(self, model, options):
+            return lambda x, logits, out: logits.float().std(1)
+
+    monkeypatch.setattr(rpl.methods, "_REGISTRY", dict(rpl.methods._REGISTRY))
+    rpl.methods.register(Toy)
+    rpl.methods.register(Spread)
+
+
+def test_a_registered_method_is_predicted_with_no_other_change(monkeypatch):
+    from rpl.prediction import Predictor
+
+    register_toys(monkeypatch)
+    torch.manual_seed(0)
+    model = ToyWrapper(ToySegmenter(num_classes=5).eval())
+    assert rpl.methods.method_of(model) == "toy"
+    predictor = Predictor(model, preprocess=Preprocess(), device="cpu")
+    assert predictor.methods == ("toy",)
+    image = street(np.random.default_rng(3), (32, 48))
+    batch = Predictor(model, ("toy", "spread"), Preprocess(), "cpu")(torch.from_numpy(image[None]))
+    with torch.inference_mode():
+        logits = model.segmenter(Preprocess()(torch.from_numpy(image[None])))
+    np.testing.assert_allclose(batch.scores["toy"][0].numpy(), (-0.5 * logits.amax(1))[0].numpy(), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(batch.scores["spread"][0].numpy(), logits.std(1)[0].numpy(), rtol=0, atol=1e-6)
+    bare = Predictor(model.segmenter, ("spread",), Preprocess(), "cpu")(torch.from_numpy(image[None]))
+    torch.testing.assert_close(bare.scores["spread"], batch.scores["spread"])  # post-hoc on a bare segmenter too
+    with pytest.raises(rpl.errors.RPLInputError, match="holds method 'toy', not 'pebal'"):
+        Predictor(model, ("pebal",))
