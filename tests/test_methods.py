@@ -61,3 +61,34 @@ def test_a_registered_method_is_scored_by_the_evaluator(monkeypatch):
         class Other(Negated):
             pass
         methods.register(Other)
+
+
+def test_export_scorers_give_the_evaluators_maps():
+    """``Method.export_scorer`` (what rpl-export traces) equals ``Method.scorer`` (what rpl-eval and
+    rpl-predict score) for the post-hoc methods, RPL and PEBAL, on the model each scores."""
+    import rpl
+    from models_for_tests import ToySegmenter, tuned_pebal
+    from rpl.scores import exportable_smooth, smooth
+    from rpl.wrapping import extract_logits
+
+    s = torch.randn(2, 20, 30)
+    torch.testing.assert_close(exportable_smooth((7, 1.0))(s), smooth(s), rtol=0, atol=1e-6)
+    torch.testing.assert_close(exportable_smooth((5, 2.0))(s), smooth(s, 5, 2.0), rtol=0, atol=1e-6)
+    assert torch.equal(exportable_smooth(None)(s), s)
+    torch.manual_seed(0)
+    bare = ToySegmenter(num_classes=5).eval()
+    models = {"rpl": rpl.wrap(ToySegmenter(num_classes=5).eval(), head="head", block={"width": 8}),
+              "pebal": tuned_pebal(ToySegmenter(num_classes=5).eval(), 5)}
+    x = torch.randn(2, 3, 32, 48)
+    options = EvalOptions(methods=("energy",), progress=False)
+    post_hoc = [n for n in methods.available() if methods.get(n).kind == "post-hoc" and methods.get(n).one_forward]
+    assert {"energy", "msp", "maxlogit", "entropy"} <= set(post_hoc) and "mcdropout" not in post_hoc
+    for name in [*post_hoc, *models]:  # a new method's own test checks its export_scorer on its model
+        method = methods.get(name)
+        model = models.get(name, bare)
+        with torch.no_grad():
+            out = model(x)
+            logits, out = (out.logits, out) if hasattr(model, "segmenter") else (extract_logits(out), None)
+            expected = method.scorer(model, options)(x, logits, out)
+            torch.testing.assert_close(method.export_scorer(model, options)(x, logits, out), expected,
+                                       rtol=0, atol=1e-5, msg=name)
