@@ -57,7 +57,7 @@ def check_methods(methods: Sequence[str], own: str | None, where: str = "the mod
     from rpl.methods import available, get
 
     known = available_methods(own)
-    gives = f"{where}{f' (method {own!r})' if own else ''} gives {', '.join(known)}"
+    gives = f"{where}{f', of method {own!r},' if own else ''} gives {', '.join(known)}"
     out: list[str] = []
     for m in methods:
         if m not in available():
@@ -65,10 +65,10 @@ def check_methods(methods: Sequence[str], own: str | None, where: str = "the mod
         method = get(m)
         if not method.one_forward:
             raise RPLInputError(f"{option} {m}: {m} scores several forward passes of each image, and rpl-predict / "
-                                f"rpl-export score one; evaluate it with rpl-eval --methods {m}. {gives}.")
+                                f"rpl-export score one; evaluate it with rpl-eval --methods {m}; {gives}.")
         if method.kind != "post-hoc" and own is not None and m != own:
-            raise RPLInputError(f"{option} {m}: {where} holds method {own!r}, not {m!r}; {gives}. Pass a {m} "
-                                f"checkpoint, or leave {m} out of {option}.")
+            raise RPLInputError(f"{option} {m}: {where} holds method {own!r}, not {m!r}, and gives "
+                                f"{', '.join(known)}. Pass a {m} checkpoint, or leave {m} out of {option}.")
         if m not in out:
             out.append(m)
     if not out:
