@@ -26,9 +26,9 @@ a file, VIDEO/NNNNNN for video frames. Scores and labels are at the input resolu
 rpl-eval's for the same model and image.
 
 The mask threshold is --threshold, or the FPR@95 / best-F1 threshold that the checkpoint recorded in
-its validation run (--threshold-from; for the checkpoint's own method). Unreadable files are reported and skipped (exit code
-0 unless nothing could be read, or with --strict). Existing outputs are overwritten only with
---overwrite.
+its validation run (--threshold-from; for the checkpoint's own method). Unreadable files are
+reported and skipped (exit code 0 unless nothing could be read, or with --strict). Existing outputs
+are overwritten only with --overwrite.
 """
 from __future__ import annotations
 
