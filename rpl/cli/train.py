@@ -1,7 +1,8 @@
 """``rpl-train``: train an anomaly method on a segmenter (default: RPL on the embedded SynthStreets world).
 
-Methods: rpl (a residual add-on on the frozen segmenter, the default) and pebal (fine-tunes a copy
-of the segmenter with an abstention channel); ``--method`` is the config key ``method``.
+Methods: rpl (a residual add-on on the frozen segmenter, the default), pebal (fine-tunes a copy
+of the segmenter with an abstention channel) and meta-ood (fine-tunes it by entropy maximisation,
+then fits a meta classifier on held-out validation segments); ``--method`` is the config key ``method``.
 
 With no --config it trains on the embedded default (SynthStreets, generated under data.root on
 first use, then evaluated with rpl-eval's default table). Launch on several GPUs (or CPU
@@ -24,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", metavar="FILE",
                         help="YAML config (default: the embedded SynthStreets recipe, rpl/config.py)")
     parser.add_argument("--method", metavar="NAME",
-                        help="method to train: rpl (default) or pebal; sets the config key method (docs/methods.md)")
+                        help="method to train: rpl (default), pebal or meta-ood; sets the config key method "
+                             "(docs/methods.md)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set optim.lr=1e-4 (repeatable)")
     parser.add_argument("--work-dir", metavar="DIR", default="work_dirs/rpl",
