@@ -6,9 +6,10 @@
 
 rpl-train records the segmenter's weights path relative to its work dir; the shipped file must find
 its segmenter (``weights/segmenter_synthstreets.safetensors``, or a shipped PEBAL file for
-``pebal+rpl``) from its own folder instead. Weights are unchanged unless ``--fp16`` (floating-point
-tensors stored in half precision, as the shipped segmenter is; evaluate the shipped file, not the
-work dir's, since the rounding changes scores slightly). ``--command`` is stored as
+``pebal+rpl``) from its own folder instead. Weights are unchanged unless ``--fp16`` (float32
+tensors stored in half precision, as the shipped segmenter is; float64 ones, such as Meta-OoD's
+classifier statistics, keep theirs; evaluate the shipped file, not the work dir's, since the
+rounding changes scores slightly). ``--command`` is stored as
 ``extra['command']`` so the file says how it was made.
 """
 from __future__ import annotations
@@ -19,6 +20,7 @@ import os
 import sys
 from pathlib import Path
 
+import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -31,7 +33,8 @@ def main(argv=None) -> int:
     p.add_argument("dst")
     p.add_argument("--note", default="", help="text stored as extra['shipped_note']")
     p.add_argument("--command", default="", help="the command that trained it, stored as extra['command']")
-    p.add_argument("--fp16", action="store_true", help="store floating-point tensors in float16")
+    p.add_argument("--fp16", action="store_true", help="store float32 tensors in float16 (float64 ones, e.g. a "
+                   "meta classifier's statistics, keep their precision and range)")
     args = p.parse_args(argv)
     src, dst = Path(args.src), Path(args.dst)
     meta = read_metadata(src)
@@ -52,7 +55,7 @@ def main(argv=None) -> int:
     raw["extra"] = json.dumps(extra)
     tensors = load_file(str(src))
     if args.fp16:
-        tensors = {k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}
+        tensors = {k: v.half() if v.dtype == torch.float32 else v for k, v in tensors.items()}
     dst.parent.mkdir(parents=True, exist_ok=True)
     atomic_save_file({k: v.contiguous() for k, v in tensors.items()}, dst, raw)
     print(f"wrote {dst} (segmenter weights -> {seg['weights']}{', float16' if args.fp16 else ''})")

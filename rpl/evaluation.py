@@ -351,7 +351,10 @@ class Evaluator:
         self.forward_model = self.model if self.options.compile is None else torch.compile(
             self.model, mode=self.options.compile, backend=self.options.compile_backend, dynamic=False)
         self.segmenter = model.segmenter if self.wrapped else model
-        self.scorers = {m: get(m).scorer(self.model, self.options) for m in self.methods}
+        # one result row per score map: a method may give several (Method.row_scorers)
+        self.scorers = {row: fn for m in self.methods
+                        for row, fn in get(m).row_scorers(self.model, self.options).items()}
+        self.rows = tuple(self.scorers)
         self.on_visual = on_visual
         self.console = console
         self.memory = MemoryGuard(self.model, self.device, self.options.memory_budget, self.wrapped)
@@ -382,12 +385,12 @@ class Evaluator:
                             num_workers=opts.num_workers, collate_fn=collate,
                             pin_memory=self.device.type == "cuda",
                             generator=torch.Generator().manual_seed(opts.seed))  # leaves the global RNG alone
-        acc = _Accumulators.create(entry, () if entry.class_labels else self.methods, opts, self.device)
+        acc = _Accumulators.create(entry, () if entry.class_labels else self.rows, opts, self.device)
         acc.vis_left = opts.vis_limit if self.on_visual is not None else 0
         if opts.report and opts.gallery_images > 0 and not entry.class_labels:
             from rpl.report import GalleryCollector
 
-            acc.gallery = GalleryCollector(self.methods, opts.gallery_images)
+            acc.gallery = GalleryCollector(self.rows, opts.gallery_images)
         if "mcdropout" in acc.pixel:
             torch.manual_seed(opts.seed)  # reproducible dropout masks, whatever ran before
         start = time.perf_counter()
@@ -443,7 +446,7 @@ class Evaluator:
                 logits, out = (out.logits, out) if self.wrapped else (extract_logits(out), None)
                 scores = {m: resize_scores(s, label.shape[-2:])[0] for m, s in self.scores(x, logits, out).items()}
                 previews[record.position] = make_preview(item["image"], label, scores, record, thresholds)
-        return Gallery(name, self.methods, thresholds,
+        return Gallery(name, self.rows, thresholds,
                        {section: [previews[r.position] for r in rs] for section, rs in picked.items()})
 
     def _update(self, entry: DatasetEntry, group: dict[str, Any], acc: "_Accumulators") -> None:

@@ -263,7 +263,7 @@ def build_trainer(cfg: Config, work_dir: str | Path, resume: bool = False, quiet
     torch.manual_seed(cfg.train.seed)
     method, model, spec, base_fingerprint = build_model(cfg, device)
     train_set, val_set = prepare_datasets(cfg, d)
-    data = TrainingData(train_set, val_set, cfg, d, device)
+    data = TrainingData(method.training_set(train_set, cfg), val_set, cfg, d, device)
     optimizer = torch.optim.Adam(method.parameter_groups(model, cfg.optim), lr=cfg.optim.lr)
     trainer = Trainer(method, model, optimizer, data, cfg, work_dir, d=d, device=device, spec=spec,
                       base_fingerprint=base_fingerprint, quiet=quiet, run_id=run_id)
@@ -583,6 +583,7 @@ class Trainer:
                     p.epoch_step = 0
         elapsed = time.perf_counter() - started
         summary = {"rank_param_max_diff": self._rank_param_diff()} if self.d.active else {}
+        summary |= self.method.after_fit(self) if self.data is not None else {}
         summary |= {"method": self.method.name, "steps": p.step, "seconds": elapsed, "skipped_steps": p.skipped,
                     "best_ap": p.best_ap, "best_step": p.best_step, "last_losses": last, "val": val_metrics,
                     "work_dir": str(self.work_dir)}

@@ -543,6 +543,14 @@ def source_label(source: Source) -> str:
     return f"{source.base_method}+{source.method}" if source.base_method else str(source.method)
 
 
+def row_label(row: str, method: str | None, label: str) -> str:
+    """A result row's name in a several-checkpoint table: the checkpoint's own rows (``method`` and its
+    variants ``method+...``, ``rpl.methods.base.Method.row_scorers``) under the checkpoint's ``label``."""
+    if method and (row == method or row.startswith(method + "+")):
+        return label + row[len(method):]
+    return row
+
+
 def segmenter_name(source: Source) -> str:
     """The file holding the segmenter weights a model's closed-set logits come from."""
     from rpl.methods import get
@@ -631,12 +639,12 @@ def _run_many(args: argparse.Namespace, paths: list[Path], device) -> int:
                 users["rows"] = users["rows"] or []
                 users["rows"].append(row)
             else:
-                if row["method"] == src.method:
-                    row["method"] = label
+                row["method"] = row_label(row["method"], src.method, label)
                 anomaly_rows.setdefault((row["dataset"], index), []).append(row)
         for curves in report.curves.values():  # the report's curves under the table's row names
-            if src.method in curves and src.method != label:
-                curves[label] = curves.pop(src.method)
+            for name in list(curves):
+                if row_label(name, src.method, label) != name:
+                    curves[row_label(name, src.method, label)] = curves.pop(name)
         reports.append(report)
         del model
     results: list[dict[str, Any]] = []

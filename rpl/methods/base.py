@@ -70,6 +70,15 @@ class Method:
         ``rpl.scores.exportable_smooth`` instead of torchvision's blur); it must give the same map."""
         return self.scorer(model, options)
 
+    def row_scorers(self, model: nn.Module, options: Any) -> dict[str, Scorer]:
+        """The score maps ``model`` gives, one result row each: ``{row name: scorer}``.
+
+        Default: the method's own row. A method whose model gives several variants of its score from
+        one forward (Meta-OoD: ``meta-ood`` and ``meta-ood+meta``) names each; every name starts with
+        the method's name (``rpl-eval`` puts a base method's prefix in front of it).
+        """
+        return {self.name: self.scorer(model, options)}
+
     # -- training (trainable methods) ------------------------------------------------------------
     def build(self, segmenter: nn.Module, config: Any) -> nn.Module:
         """The model to train, built on ``segmenter`` (already on its device)."""
@@ -78,6 +87,15 @@ class Method:
 
     def parameter_groups(self, model: nn.Module, optim: Any) -> list[dict[str, Any]]:
         return [{"params": [p for p in model.parameters() if p.requires_grad], "lr": optim.lr}]
+
+    def training_set(self, train_set: Any, config: Any) -> Any:
+        """The training set this method trains on, given the shared outlier-exposure set (default: it)."""
+        return train_set
+
+    def after_fit(self, trainer: Any) -> dict[str, Any]:
+        """A stage after the last training step (e.g. fitting a classifier into ``best.safetensors``);
+        what it returns goes into ``summary.json``. Default: nothing."""
+        return {}
 
     def trainable_parameters(self, model: nn.Module) -> list[nn.Parameter]:
         return [p for p in model.parameters() if p.requires_grad]
