@@ -19,9 +19,9 @@ An image adaptation of a LiDAR method, written out with the choices made here in
 
 Here, on a frozen segmenter: the unknown-object synthesis is outlier exposure (pasted objects,
 label 254 -> class K); only the redundancy classifiers train, the closed-set logits are the frozen
-segmenter's own, bit for bit. They read the frozen head's input ``d`` (``real.head=d``: one 3x3
-conv, the reference's layout) or the deep feature ``f`` through a small block (``real.head=deep``:
-3x3 conv-BN-ReLU, upsampled to ``d``'s size, 3x3 conv) at the attachment ``rpl.wrap`` finds for
+segmenter's own, bit for bit. They read the deep feature ``f`` through a small block
+(``real.head=deep``, the default: 3x3 conv-BN-ReLU, upsampled to ``d``'s size, 3x3 conv) or the
+frozen head's input ``d`` (``real.head=d``: one 3x3 conv, the reference's layout) at the attachment ``rpl.wrap`` finds for
 RPL (:class:`rpl.wrapping.HookedSegmenter`). Their ``n`` maps leave the head as the second half of
 the batch (cycled to ``K`` channels), so they get the segmenter's own upsampling; the max is taken
 at the output resolution. ``real.calibration_labels=prediction`` masks ``argmax z0`` (the frozen
@@ -59,7 +59,8 @@ class REALOptions:
     """REAL's options (config section ``real``)."""
 
     classifiers: int = 3  # redundancy classifiers n (reference --dummynumber 3)
-    head: str = "d"  # what they read: d (the frozen head's input) | deep (the feature f, through a small block)
+    head: str = "deep"  # what they read: deep (the feature f, through a small block; the measured better
+    # SynthStreets val AP, docs/methods.md) | d (the frozen head's input, one 3x3 conv: the reference's layout)
     width: int = 64  # channels of the deep block (head=deep)
     outlier_weight: float = 0.1  # lambda: CE weight of class K (reference 0.1)
     calibration_weight: float = 0.1  # weight of the calibration term
@@ -210,7 +211,7 @@ class REALSegmenter(HookedSegmenter):
         return args
 
 
-def real_wrap(segmenter: nn.Module, source: str = "d", classifiers: int = 3, width: int = 64,
+def real_wrap(segmenter: nn.Module, source: str = "deep", classifiers: int = 3, width: int = 64,
               head: str | None = None, feature: str | None = None, smoothing: tuple[int, float] | None = None,
               logits: Any = None, **wrap_kwargs: Any) -> REALSegmenter:
     """Freeze ``segmenter`` and attach REAL's redundancy classifiers where ``rpl.wrap`` attaches RPL.
