@@ -3,7 +3,7 @@
 Metadata keys: ``format`` (:data:`FORMAT`), ``method`` (a name from ``rpl.methods.available()``),
 ``base_fingerprint`` / ``base_class`` (the segmenter the method was built on), ``extra`` (JSON: the
 segmenter's spec, training config, metrics, ...) and the method's own JSON fields (RPL: ``wrap``;
-PEBAL: ``pebal``), each checked field by field (:class:`MetadataSchema`) before anything is used.
+PEBAL: ``pebal``; REAL: ``real``), each checked field by field (:class:`MetadataSchema`) before anything is used.
 Add-on methods store only their add-on (the segmenter stays the user's), and the SHA-256
 fingerprint of the frozen base makes loading onto another segmenter fail loudly instead of giving
 silent garbage. Fine-tuned methods store the tuned segmenter under ``segmenter.*`` keys, so such a

@@ -296,6 +296,7 @@ RANGES = {
     "train.val_every": ">= 0", "train.val_limit": ">= 1", "train.max_nonfinite": ">= 1",
     "pebal.ood_reg": ">= 0", "pebal.energy_weight": ">= 0", "pebal.sparsity": ">= 0", "pebal.smoothness": ">= 0",
     "meta-ood.alpha": "[0, 1]", "meta-ood.coco_images": ">= 0", "meta-ood.threshold": "[0, 1)", "meta-ood.C": "> 0",
+    "real.classifiers": ">= 1", "real.width": ">= 1", "real.outlier_weight": ">= 0", "real.calibration_weight": ">= 0",
 }
 # Free numeric keys (no range rule): normalisation constants (any value is a valid affine map) and PEBAL's
 # energy margins (energies, of any sign).
@@ -303,7 +304,8 @@ FREE_NUMERIC = ("segmenter.mean", "segmenter.std", "pebal.m_in", "pebal.m_out")
 CHOICES = {"loss.energy_loss": ("hinge", "pebal"), "train.wandb": ("disabled", "offline", "online"),
            "train.amp": ("auto", "bf16", "fp16", "off"), "pebal.tune": ("all", "last_block"),
            "meta-ood.tune": ("all", "last_block"), "meta-ood.solver": ("torch", "liblinear"),
-           "meta-ood.coco_background": ("first_class", "void")}
+           "meta-ood.coco_background": ("first_class", "void"),
+           "real.head": ("d", "deep"), "real.calibration_labels": ("target", "prediction")}
 NOTES = {"train.val_every": " (0 turns validation off)", "data.crop_size": " (H and W)"}
 
 

@@ -75,10 +75,10 @@ class MemoryGuard:
         """The number of classes, read without a forward: the output channels of the head's (or the model's)
         last convolution, the classifier in every family we know; 19 (Cityscapes) when there is none."""
         if self.num_classes is None:
-            from rpl.wrapping import RPLSegmenter
+            from rpl.wrapping import HookedSegmenter
 
             modules = ([m for block in self.model._chain for m in block.modules()]
-                       if isinstance(self.model, RPLSegmenter) else list(self.model.modules()))
+                       if isinstance(self.model, HookedSegmenter) else list(self.model.modules()))
             convs = [m for m in modules if isinstance(m, nn.Conv2d)]
             self.num_classes = int(convs[-1].out_channels) if convs else 19
         return self.num_classes

@@ -10,6 +10,10 @@ How it works, in one segmenter forward (the backbone runs once):
 A probe at wrap time checks 4 on a dummy batch and refuses models for which it does not hold.
 Mask-classification models (Mask2Former) use another attachment, see :mod:`rpl.adapters`.
 
+The same hooks (:class:`HookedSegmenter`) carry other add-ons: ``wrap(..., build=...)`` attaches
+one that makes the second half from ``d`` or ``f`` directly (REAL's redundancy classifiers,
+``rpl.methods.real``), with the same probe and the same guarantees.
+
 A wrap is all-or-nothing: if anything fails, the segmenter is left exactly as it was given
 (``requires_grad``, train/eval mode of every module, hooks). ``model.unwrap()`` gives it back too.
 """
@@ -221,23 +225,31 @@ class _Snapshot:
             m.training = flag
 
 
-def wrapper_of(segmenter: nn.Module) -> "RPLSegmenter | None":
-    """The ``RPLSegmenter`` whose hooks sit on ``segmenter``, if any."""
+def wrapper_of(segmenter: nn.Module) -> "HookedSegmenter | None":
+    """The wrapper (``RPLSegmenter`` or another add-on's :class:`HookedSegmenter`) whose hooks sit on ``segmenter``."""
     for m in segmenter.modules():
         for hooks in (m._forward_hooks, m._forward_pre_hooks):
             for hook in hooks.values():
                 owner = getattr(hook, "__self__", None)
-                if isinstance(owner, RPLSegmenter):
+                if isinstance(owner, HookedSegmenter):
                     return owner
     return None
 
 
-class RPLSegmenter(nn.Module):
-    """A frozen segmenter plus the RPL add-on. Build it with :func:`wrap`."""
+class HookedSegmenter(nn.Module):
+    """A frozen segmenter plus a trainable add-on that reads the head's input ``d`` (and the feature ``f``).
+
+    The hooks and guarantees every add-on shares: the frozen segmenter (eval mode, no gradients),
+    the head chain and feature module, one head call per forward, the hooks acting only inside this
+    model's forward, and the batch doubled after the head (the first half the segmenter's own,
+    bit-for-bit; the second half what the add-on makes of the head's output, :meth:`_second_half`),
+    so that both halves get the segmenter's own upsampling. Subclasses: :class:`RPLSegmenter`,
+    ``rpl.methods.real.REALSegmenter``. Build them with :func:`wrap` (its ``build=`` argument).
+    """
 
     adapter = "dense"
 
-    def __init__(self, segmenter: nn.Module, head: str, feature: str | None, addon: RPLAddon,
+    def __init__(self, segmenter: nn.Module, head: str, feature: str | None, addon: nn.Module,
                  smoothing: tuple[int, float] | None = (7, 1.0), logits: LogitsOption = None,
                  snapshot: _Snapshot | None = None):
         super().__init__()
@@ -245,7 +257,6 @@ class RPLSegmenter(nn.Module):
         self.addon = addon
         self.head_name, self.feature_name, self.smoothing = head, feature, smoothing
         self.logits_option = logits
-        self.return_embedding: bool | None = None  # None: embeddings exactly when the add-on trains
         self._feature_path, self._selectors = parse_feature(feature) if feature is not None else (None, [])
         object.__setattr__(self, "_chain", self._resolve_head())  # plain list: the modules live in segmenter
         object.__setattr__(self, "_snapshot", snapshot or _Snapshot(segmenter))
@@ -291,7 +302,7 @@ class RPLSegmenter(nn.Module):
         finally:
             self._attach()
 
-    def __deepcopy__(self, memo: dict) -> "RPLSegmenter":
+    def __deepcopy__(self, memo: dict) -> "HookedSegmenter":
         """A copy with its own segmenter, add-on and hooks (hook handles are not copyable as they are)."""
         self._detach()
         try:
@@ -310,17 +321,17 @@ class RPLSegmenter(nn.Module):
         for p in self.segmenter.parameters():
             p.requires_grad_(False)
 
-    def train(self, mode: bool = True) -> "RPLSegmenter":
+    def train(self, mode: bool = True) -> "HookedSegmenter":
         super().train(mode)
         self.segmenter.eval()  # BatchNorm statistics and dropout of the frozen model never change
         return self
 
-    def requires_grad_(self, requires_grad: bool = True) -> "RPLSegmenter":
+    def requires_grad_(self, requires_grad: bool = True) -> "HookedSegmenter":
         self.addon.requires_grad_(requires_grad)
         return self
 
     @property
-    def bare_addon(self) -> RPLAddon:
+    def bare_addon(self) -> nn.Module:
         """The add-on without a DDP wrapper (a trainer may replace ``addon`` by ``DDP(addon)``)."""
         return getattr(self.addon, "module", self.addon)
 
@@ -349,23 +360,29 @@ class RPLSegmenter(nn.Module):
         if f is None:
             raise RPLInputError(f"feature module {self.feature_name!r} had not run when head {self.head_name!r} was "
                                 "called; choose a feature computed before the head.")
-        with_emb = self.addon.training if self.return_embedding is None else self.return_embedding
-        r, emb = self.addon(f, d.shape[-2:], with_embedding=with_emb)
-        self._state["d_perturbed"] = d + r.to(d.dtype)
-        self._state["embedding"] = emb
+        self._head_input(f, d)
         self._state["head_calls"] = self._state.get("head_calls", 0) + 1
 
     def _head_post_hook(self, module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor | None:
         if self._reentrant or not self._active:
             return None
-        x = self._state.pop("d_perturbed")
-        self._reentrant = True
-        try:
-            for m in self._chain:
-                x = m(x)
-        finally:
-            self._reentrant = False
-        return torch.cat([output, x.to(output.dtype)], dim=0)
+        return torch.cat([output, self._second_half(output).to(output.dtype)], dim=0)
+
+    # what an add-on does at the hooks (subclasses) ---------------------------------------------
+    def _head_input(self, f: torch.Tensor, d: torch.Tensor) -> None:
+        """Called before the frozen head runs on ``d``: keep in ``self._state`` what the add-on needs."""
+        raise NotImplementedError
+
+    def _second_half(self, output: torch.Tensor) -> torch.Tensor:
+        """The add-on's map at the head's output (same shape as ``output``), batch-concatenated after it."""
+        raise NotImplementedError
+
+    def _output(self, closed: torch.Tensor, second: torch.Tensor, raw: Any, state: dict[str, Any]) -> Any:
+        """What ``forward`` returns from the closed-set logits, the second half and the segmenter's own output."""
+        raise NotImplementedError
+
+    def _check_probe_output(self, out: Any, reference: torch.Tensor) -> None:
+        """Refuse, at wrap time, a model whose add-on output does not fit (closed-set identity is checked already)."""
 
     # -- forward ------------------------------------------------------------------------------
     def _run(self, images: torch.Tensor) -> Any:
@@ -392,12 +409,46 @@ class RPLSegmenter(nn.Module):
                                 "one call per forward (multi-scale or shared heads are not supported).")
         both = extract_logits(raw, self.logits_option)
         batch = images.shape[0]
-        emb = self._state.pop("embedding", None)
-        self._state = {}
+        state, self._state = self._state, {}
         if both.shape[0] != 2 * batch:
             raise RPLInputError(f"the segmenter's output has batch {both.shape[0]}, expected {2 * batch}: something "
                                 f"after head {self.head_name!r} mixes the batch.")
-        return RPLOutput(both[:batch].detach(), both[batch:], emb, _split_raw(raw, batch), self.smoothing)
+        return self._output(both[:batch].detach(), both[batch:], _split_raw(raw, batch), state)
+
+
+class RPLSegmenter(HookedSegmenter):
+    """A frozen segmenter plus the RPL add-on. Build it with :func:`wrap`."""
+
+    def __init__(self, segmenter: nn.Module, head: str, feature: str | None, addon: RPLAddon,
+                 smoothing: tuple[int, float] | None = (7, 1.0), logits: LogitsOption = None,
+                 snapshot: _Snapshot | None = None):
+        super().__init__(segmenter, head, feature, addon, smoothing, logits, snapshot)
+        self.return_embedding: bool | None = None  # None: embeddings exactly when the add-on trains
+
+    def _head_input(self, f: torch.Tensor, d: torch.Tensor) -> None:
+        with_emb = self.addon.training if self.return_embedding is None else self.return_embedding
+        r, emb = self.addon(f, d.shape[-2:], with_embedding=with_emb)
+        self._state["d_perturbed"] = d + r.to(d.dtype)
+        self._state["embedding"] = emb
+
+    def _second_half(self, output: torch.Tensor) -> torch.Tensor:
+        """The frozen head block run again on ``d + r``: the perturbed logits ``z``."""
+        x = self._state.pop("d_perturbed")
+        self._reentrant = True
+        try:
+            for m in self._chain:
+                x = m(x)
+        finally:
+            self._reentrant = False
+        return x
+
+    def _output(self, closed: torch.Tensor, second: torch.Tensor, raw: Any, state: dict[str, Any]) -> RPLOutput:
+        return RPLOutput(closed, second, state.get("embedding"), raw, self.smoothing)
+
+    def _check_probe_output(self, out: Any, reference: torch.Tensor) -> None:
+        if out.anomaly_logits.shape != reference.shape:
+            raise RPLInputError(f"perturbed logits have shape {tuple(out.anomaly_logits.shape)}, expected "
+                                f"{tuple(reference.shape)}; the head {self.head_name!r} cannot be re-run as a block.")
 
     def wrap_arguments(self) -> dict[str, Any]:
         """What :func:`wrap` needs to rebuild this model (stored in checkpoints)."""
@@ -485,7 +536,8 @@ def candidates(model: nn.Module, x: torch.Tensor, logits: LogitsOption = None) -
 def wrap(segmenter: nn.Module, head: str | None = None, feature: str | None = None, *,
          preset: str | None = None, logits: LogitsOption = None, adapter: str | None = None,
          block: BlockConfig | dict | None = None, probe_size: Sequence[int] | None = None, in_channels: int = 3,
-         smoothing: tuple[int, float] | None = (7, 1.0), aspp: str | None = None) -> RPLSegmenter:
+         smoothing: tuple[int, float] | None = (7, 1.0), aspp: str | None = None,
+         build: "Callable[[Attachment], HookedSegmenter] | None" = None) -> HookedSegmenter:
     """Freeze ``segmenter`` and attach an RPL add-on; returns the wrapped model in eval mode.
 
     With no names, the family's preset (``rpl.presets.list_presets()``) says where to attach;
@@ -498,11 +550,15 @@ def wrap(segmenter: nn.Module, head: str | None = None, feature: str | None = No
     A probe on a dummy batch of ``probe_size`` (default 64x64, retried once at 128x128 if the model
     fails on it) checks that the closed-set output is bit-identical to the frozen segmenter's and
     refuses the model otherwise. On any failure the segmenter is left exactly as it was.
+
+    ``build`` makes another add-on than RPL's on the same attachment (dense heads only): it gets the
+    :class:`Attachment` found (head, feature, the probe's ``f`` and ``d``) and returns a
+    :class:`HookedSegmenter`, which is probed in the same way (``rpl.methods.real`` uses it).
     """
     if isinstance(segmenter, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
         segmenter = segmenter.module
-    if isinstance(segmenter, RPLSegmenter):
-        raise RPLInputError("this model is already wrapped (an RPLSegmenter); use it as it is, or wrap "
+    if isinstance(segmenter, HookedSegmenter):
+        raise RPLInputError(f"this model is already wrapped (a {type(segmenter).__name__}); use it as it is, or wrap "
                             "model.unwrap() to attach a new add-on.")
     if wrapper_of(segmenter) is not None:
         raise RPLInputError(f"{type(segmenter).__name__} already carries the hooks of an RPL wrapper; call unwrap() on "
@@ -510,12 +566,12 @@ def wrap(segmenter: nn.Module, head: str | None = None, feature: str | None = No
     config = block if isinstance(block, BlockConfig) else BlockConfig.from_dict(block)
     snapshot = _Snapshot(segmenter)
     sizes = [tuple(probe_size)] if probe_size is not None else [DEFAULT_PROBE, (2 * DEFAULT_PROBE[0], 2 * DEFAULT_PROBE[1])]
-    model: RPLSegmenter | None = None
+    model: HookedSegmenter | None = None
     try:
         for i, size in enumerate(sizes):
             try:
                 model = _wrap(segmenter, head, feature, preset, logits, adapter, config, size, in_channels,
-                              smoothing, aspp, snapshot)
+                              smoothing, aspp, snapshot, build)
                 break
             except _ModelFailed as failed:
                 snapshot.restore()
@@ -538,6 +594,25 @@ def wrap(segmenter: nn.Module, head: str | None = None, feature: str | None = No
     return model.eval()
 
 
+@dataclass
+class Attachment:
+    """Where :func:`wrap` found an add-on's attachment point on a segmenter (given to ``build=``).
+
+    ``f`` and ``d`` are the deep feature and the head's input of the probe batch (their shapes and
+    dtype size the add-on); ``stride`` is the input size over ``f``'s.
+    """
+
+    segmenter: nn.Module
+    head: str
+    feature: str | None
+    f: torch.Tensor
+    d: torch.Tensor
+    stride: int
+    smoothing: tuple[int, float] | None
+    logits: LogitsOption
+    snapshot: _Snapshot
+
+
 class _ModelFailed(Exception):
     """The bare segmenter raised on the probe batch (maybe too small): retried or reported by wrap."""
 
@@ -549,7 +624,7 @@ class _ModelFailed(Exception):
 def _wrap(segmenter: nn.Module, head: str | None, feature: str | None, preset_name: str | None,
           logits: LogitsOption, adapter: str | None, config: BlockConfig, probe_size: Sequence[int],
           in_channels: int, smoothing: tuple[int, float] | None, aspp: str | None,
-          snapshot: _Snapshot) -> RPLSegmenter:
+          snapshot: _Snapshot, build: "Callable[[Attachment], HookedSegmenter] | None" = None) -> HookedSegmenter:
     x = _dummy(segmenter, probe_size, in_channels)
     bottleneck = None
     chosen = presets.get_preset(preset_name) if preset_name else None
@@ -571,6 +646,10 @@ def _wrap(segmenter: nn.Module, head: str | None, feature: str | None, preset_na
         match = presets.detect(segmenter)
         adapter = match.adapter if match is not None and match.head == head else "dense"
     assert head is not None
+    if adapter == "mask-classification" and build is not None:
+        raise RPLInputError(f"{type(segmenter).__name__} is a mask-classification model (adapter "
+                            "'mask-classification'); only RPL attaches to it, other add-ons need a dense head "
+                            "whose output is the per-pixel logits.")
     if adapter == "mask-classification":
         from rpl.adapters import probe_mask_classification
 
@@ -617,11 +696,14 @@ def _wrap(segmenter: nn.Module, head: str | None, feature: str | None, preset_na
             raise RPLInputError(f"feature {feature!r} is not a 4-D feature map (shape {tuple(f.shape)}). "
                                 f"{candidates(segmenter, x, logits)}")
     stride = max(1, round(x.shape[-2] / f.shape[-2]))
-    addon = RPLAddon(f.shape[1], d.shape[1], stride, config).to(*_device_dtype(segmenter))
-    if aspp is not None and config.init_from_aspp:
-        addon.init_from_aspp(segmenter.get_submodule(aspp),
-                             segmenter.get_submodule(bottleneck) if bottleneck else None)
-    model = RPLSegmenter(segmenter, head, feature, addon, smoothing, logits, snapshot)
+    if build is not None:
+        model = build(Attachment(segmenter, head, feature, f, d, stride, smoothing, logits, snapshot))
+    else:
+        addon = RPLAddon(f.shape[1], d.shape[1], stride, config).to(*_device_dtype(segmenter))
+        if aspp is not None and config.init_from_aspp:
+            addon.init_from_aspp(segmenter.get_submodule(aspp),
+                                 segmenter.get_submodule(bottleneck) if bottleneck else None)
+        model = RPLSegmenter(segmenter, head, feature, addon, smoothing, logits, snapshot)
     try:
         _probe(model, x, reference)
     except BaseException as err:
@@ -664,7 +746,7 @@ def _check_head_input(calls: list[tuple], head: str, segmenter: nn.Module, x: to
     return args[0]
 
 
-def _probe(model: RPLSegmenter, x: torch.Tensor, reference: torch.Tensor) -> None:
+def _probe(model: HookedSegmenter, x: torch.Tensor, reference: torch.Tensor) -> None:
     was_training = model.addon.training
     model.addon.eval()
     try:
@@ -678,6 +760,4 @@ def _probe(model: RPLSegmenter, x: torch.Tensor, reference: torch.Tensor) -> Non
             f"feature {model.feature_name!r}), so it was refused. Usual causes: an in-place operation on the head's "
             "input or output, code after the head that mixes images of the batch, or a head that is not the "
             "block producing the logits.")
-    if out.anomaly_logits.shape != reference.shape:
-        raise RPLInputError(f"perturbed logits have shape {tuple(out.anomaly_logits.shape)}, expected "
-                            f"{tuple(reference.shape)}; the head {model.head_name!r} cannot be re-run as a block.")
+    model._check_probe_output(out, reference)

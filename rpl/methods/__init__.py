@@ -1,6 +1,6 @@
 """Anomaly methods as plug-ins: each module of this package defines and registers its methods.
 
-    rpl.methods.available()              # ['energy', 'entropy', 'maxlogit', 'mcdropout', 'msp', 'pebal', 'rpl']
+    rpl.methods.available()              # ['energy', 'entropy', 'maxlogit', 'mcdropout', 'msp', 'pebal', 'real', 'rpl']
     method = rpl.methods.get("pebal")
     model = method.load("pebal.safetensors")   # forward -> .logits (B, K, H, W) and .anomaly (B, H, W)
     rpl.methods.method_of(model)               # 'pebal': the method a model belongs to (None: bare segmenter)
