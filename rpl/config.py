@@ -294,18 +294,11 @@ RANGES = {
     "optim.iterations": ">= 1", "optim.poly_power": ">= 0", "optim.grad_clip": "> 0",
     "train.seed": ">= 0", "train.log_every": ">= 1", "train.checkpoint_every": ">= 1",
     "train.val_every": ">= 0", "train.val_limit": ">= 1", "train.max_nonfinite": ">= 1",
-    "pebal.ood_reg": ">= 0", "pebal.energy_weight": ">= 0", "pebal.sparsity": ">= 0", "pebal.smoothness": ">= 0",
-    "meta-ood.alpha": "[0, 1]", "meta-ood.coco_images": ">= 0", "meta-ood.threshold": "[0, 1)", "meta-ood.C": "> 0",
-    "real.classifiers": ">= 1", "real.width": ">= 1", "real.outlier_weight": ">= 0", "real.calibration_weight": ">= 0",
 }
-# Free numeric keys (no range rule): normalisation constants (any value is a valid affine map) and PEBAL's
-# energy margins (energies, of any sign).
-FREE_NUMERIC = ("segmenter.mean", "segmenter.std", "pebal.m_in", "pebal.m_out")
+# Free numeric keys (no range rule): normalisation constants (any value is a valid affine map).
+FREE_NUMERIC = ("segmenter.mean", "segmenter.std")
 CHOICES = {"loss.energy_loss": ("hinge", "pebal"), "train.wandb": ("disabled", "offline", "online"),
-           "train.amp": ("auto", "bf16", "fp16", "off"), "pebal.tune": ("all", "last_block"),
-           "meta-ood.tune": ("all", "last_block"), "meta-ood.solver": ("torch", "liblinear"),
-           "meta-ood.coco_background": ("first_class", "void"),
-           "real.head": ("d", "deep"), "real.calibration_labels": ("target", "prediction")}
+           "train.amp": ("auto", "bf16", "fp16", "off")}
 NOTES = {"train.val_every": " (0 turns validation off)", "data.crop_size": " (H and W)"}
 
 
@@ -317,9 +310,23 @@ def _in_range(value: float, rule: str) -> bool:
     return value > float(bound) if op == ">" else value >= float(bound)
 
 
+def rules() -> tuple[dict[str, str], dict[str, tuple], tuple[str, ...]]:
+    """Range rules, allowed choices and free numeric keys of the whole config: the fixed sections'
+    (``RANGES``, ``CHOICES``, ``FREE_NUMERIC`` above) and each method's, declared on its ``Options``
+    dataclass as the class attributes ``RANGES``, ``CHOICES`` and ``FREE`` (keys without the section),
+    so that a method's rules live in its own module."""
+    ranges, choices, free = dict(RANGES), dict(CHOICES), list(FREE_NUMERIC)
+    for section, cls in method_option_classes().items():
+        ranges |= {f"{section}.{k}": v for k, v in getattr(cls, "RANGES", {}).items()}
+        choices |= {f"{section}.{k}": tuple(v) for k, v in getattr(cls, "CHOICES", {}).items()}
+        free += [f"{section}.{k}" for k in getattr(cls, "FREE", ())]
+    return ranges, choices, tuple(free)
+
+
 def check_ranges(config: Config) -> Config:
-    """``config`` if every numeric key is in its meaningful range (``RANGES``), else a one-line error naming it."""
-    for key, rule in RANGES.items():
+    """``config`` if every numeric key is in its meaningful range (:func:`rules`), else a one-line error naming it."""
+    all_ranges, all_choices, _ = rules()
+    for key, rule in all_ranges.items():
         section, name = key.split(".")
         value = getattr(getattr(config, section), name)
         if value is None:
@@ -337,7 +344,7 @@ def check_ranges(config: Config) -> Config:
             else:
                 expected = f"{kind} in {rule}" if rule.startswith("[") else f"{kind} {rule}"
             raise RPLInputError(f"config key {key!r} {what}; expected {expected}{NOTES.get(key, '')}.")
-    for key, allowed in CHOICES.items():
+    for key, allowed in all_choices.items():
         section, name = key.split(".")
         value = getattr(getattr(config, section), name)
         if value not in allowed:

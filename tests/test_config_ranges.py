@@ -7,8 +7,10 @@ import typing
 import pytest
 
 from rpl.cli.train import main as train_main
-from rpl.config import CHOICES, FREE_NUMERIC, RANGES, Config, load_config, method_option_classes
+from rpl.config import Config, load_config, method_option_classes, rules
 from rpl.errors import RPLInputError
+
+RANGES, CHOICES, FREE_NUMERIC = rules()  # the fixed sections' and every method's (declared on its Options)
 
 
 def _bad_value(key: str, rule: str):
@@ -89,3 +91,21 @@ def test_checkpoint_every_zero_is_refused_before_training(tmp_path, capsys):
     assert train_main(["--work-dir", str(tmp_path / "w"), "--set", "train.checkpoint_every=0"]) == 2
     err = capsys.readouterr().err
     assert "train.checkpoint_every" in err and "Traceback" not in err and not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("key", sorted(CHOICES))
+def test_every_choice_rule_refuses_another_value_naming_the_key(key):
+    with pytest.raises(RPLInputError) as err:
+        load_config(None, [f"{key}=no-such-choice"])
+    assert str(err.value) == (f"config key {key!r} is 'no-such-choice'; expected one of "
+                              f"{', '.join(CHOICES[key])}.")
+
+
+def test_method_rules_come_from_the_methods_own_options():
+    """A method declares its rules on its Options (its own module): nothing to add in rpl/config.py."""
+    for section, cls in method_option_classes().items():
+        for key in getattr(cls, "RANGES", {}):
+            assert RANGES[f"{section}.{key}"] == cls.RANGES[key]
+        for key in getattr(cls, "CHOICES", {}):
+            assert CHOICES[f"{section}.{key}"] == tuple(cls.CHOICES[key])
+    assert {"pebal.tune", "meta-ood.solver", "real.head"} <= set(CHOICES) and "pebal.m_in" in FREE_NUMERIC

@@ -41,7 +41,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -79,6 +79,11 @@ class MetaOoDOptions:
     classifier: bool = True  # fit the meta classifier on held-out validation data after training
     solver: str = "torch"  # torch (same objective, no extra dependency) | liblinear (scikit-learn)
     C: float = 1.0  # inverse L2 strength of the logistic regression (scikit-learn's C)
+
+    # config rules (rpl.config.rules)
+    RANGES: ClassVar[dict] = {"alpha": "[0, 1]", "coco_images": ">= 0", "threshold": "[0, 1)", "C": "> 0"}
+    CHOICES: ClassVar[dict] = {"tune": ("all", "last_block"), "solver": ("torch", "liblinear"),
+                               "coco_background": ("first_class", "void")}
 
 
 # -- the loss ----------------------------------------------------------------------------------------

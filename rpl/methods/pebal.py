@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +57,11 @@ class PEBALOptions:
     m_out: float = -6.0  # outlier energy margin
     sparsity: float = 5e-4  # weight of ||E_out||_2
     smoothness: float = 3e-6  # weight of the squared neighbour differences of E
+
+    # config rules (rpl.config.rules): meaningful ranges, allowed values, numeric keys free of any rule
+    RANGES: ClassVar[dict] = {"ood_reg": ">= 0", "energy_weight": ">= 0", "sparsity": ">= 0", "smoothness": ">= 0"}
+    CHOICES: ClassVar[dict] = {"tune": TUNE_CHOICES}
+    FREE: ClassVar[tuple] = ("m_in", "m_out")  # energy margins: energies, of any sign
 
 
 # -- losses ----------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -66,6 +66,11 @@ class REALOptions:
     calibration_weight: float = 0.1  # weight of the calibration term
     calibration_labels: str = "target"  # the masked logit: target (ground truth) | prediction (argmax z0)
     blur: bool = False  # score: p(unknown) blurred 7x7 / sigma 1
+
+    # config rules (rpl.config.rules)
+    RANGES: ClassVar[dict] = {"classifiers": ">= 1", "width": ">= 1", "outlier_weight": ">= 0",
+                              "calibration_weight": ">= 0"}
+    CHOICES: ClassVar[dict] = {"head": ("d", "deep"), "calibration_labels": ("target", "prediction")}
 
 
 # -- losses ----------------------------------------------------------------------------------------
