@@ -358,3 +358,8 @@ def test_meta_ood_trains_fits_its_classifier_and_evaluates_with_rpl_on_top(tmp_p
     alone = {r["method"]: r for r in json.loads(single.read_text())["results"]}
     assert alone["meta-ood+meta"]["ap"] == rows[("synthstreets-anomaly", "meta-ood+meta")]["ap"]
     assert alone["meta-ood"]["ap"] == rows[("synthstreets-anomaly", "meta-ood")]["ap"]
+    # RPL on the tuned segmenter, alone: its row carries the base method's name, as in the joint table
+    assert eval_main(["--checkpoint", str(on_meta / "best.safetensors"), "--datasets", "synthstreets-anomaly",
+                      "--data-root", str(world), "--json", str(single), "--quiet", "--num-workers", "0"]) == 0
+    alone = {r["method"]: r for r in json.loads(single.read_text())["results"]}
+    assert "rpl" not in alone and alone["meta-ood+rpl"]["ap"] == rows[("synthstreets-anomaly", "meta-ood+rpl")]["ap"]

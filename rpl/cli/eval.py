@@ -531,7 +531,8 @@ def _run(args: argparse.Namespace) -> int:
     }
     run = init_wandb(args, sanitize(document))
     try:
-        return _evaluate_and_report(args, model, options, preprocess, entries, document, outputs, vis_dir, run)
+        return _evaluate_and_report(args, model, options, preprocess, entries, document, outputs, vis_dir, run,
+                                    (source.method, source_label(source)))
     except BaseException:
         if run is not None:
             run.finish(exit_code=1)
@@ -683,11 +684,20 @@ def _run_many(args: argparse.Namespace, paths: list[Path], device) -> int:
 
 def _evaluate_and_report(args: argparse.Namespace, model: Any, options: EvalOptions, preprocess: Preprocess,
                          entries: list, document: dict[str, Any], outputs: dict[str, Path | None],
-                         vis_dir: Path | None, run: Any) -> int:
+                         vis_dir: Path | None, run: Any, label: tuple[str | None, str] = (None, "")) -> int:
+    """One checkpoint's table and files; ``label`` (its method, its row name) names the method's rows as
+    the several-checkpoint table does (``pebal+rpl`` for RPL on a PEBAL-tuned segmenter)."""
     from rpl.evaluation import Evaluator, sanitize
 
     sink = VisualSink(vis_dir, WANDB_OVERLAYS if run is not None else 0) if (vis_dir or run is not None) else None
     report = Evaluator(model, options, preprocess, document["device"], on_visual=sink).run(entries)
+    method, name = label
+    if method and name != method:
+        for row in report.results:
+            row["method"] = row_label(row["method"], method, name)
+        for curves in report.curves.values():
+            for key in [k for k in curves if row_label(k, method, name) != k]:
+                curves[row_label(key, method, name)] = curves.pop(key)
     if not report.defined():
         raise RPLInputError("no dataset gave a defined metric, so nothing was written. " + " ".join(report.notes))
     for note in report.notes:
