@@ -225,6 +225,16 @@ def test_only_the_redundancy_head_trains_and_blur_option():
         out = model(torch.randn(1, 3, 64, 64))
     p = torch.softmax(out.all_logits.float(), 1)[:, -1]
     torch.testing.assert_close(out.anomaly, rpl.scores.smooth(p, 7, 1.0))
+    # what rpl-export traces gives the same map, blurred (here) and not
+    from rpl.evaluation import EvalOptions
+
+    options = EvalOptions(methods=("real",), progress=False)
+    for smoothing in ((7, 1.0), None):
+        model.smoothing = smoothing
+        with torch.no_grad():
+            out = model(torch.randn(1, 3, 64, 64))
+        torch.testing.assert_close(method.export_scorer(model, options)(None, out.logits, out),
+                                   method.scorer(model, options)(None, out.logits, out), rtol=0, atol=1e-5)
     with pytest.raises(RPLInputError, match="real.head"):
         load_config(None, ["real.head=f"])
 

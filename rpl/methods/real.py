@@ -286,6 +286,19 @@ class REAL(Method):
         self.check_model(model)
         return lambda x, logits, out: out.anomaly
 
+    def export_scorer(self, model: nn.Module, options: Any) -> Scorer:
+        """``out.anomaly`` with a blur the ONNX tracer exports at dynamic sizes (``real.blur``)."""
+        from rpl.scores import exportable_smooth
+
+        self.check_model(model)
+        blur = exportable_smooth(model.smoothing)
+
+        def score(x: torch.Tensor, logits: torch.Tensor, out: Any) -> torch.Tensor:
+            z = torch.cat([out.logits.float(), out.unknown.float()], dim=1)
+            return blur(torch.softmax(z, dim=1)[:, -1])
+
+        return score
+
     # -- training --------------------------------------------------------------------------------
     def build(self, segmenter: nn.Module, config: Any) -> nn.Module:
         opts = config.method_options(self.name)
