@@ -214,6 +214,40 @@ def test_save_load_gives_identical_scores_and_wrong_loader_is_an_error(segmenter
 
 
 # -- end to end: train PEBAL, RPL on its segmenter, compare in one table ------------------------
+def test_pebal_trains_and_rpl_on_its_segmenter_evaluates_in_one_table(tmp_path, capsys):
+    """The default run's end-to-end check: rpl-train --method pebal, RPL on the tuned segmenter, and
+    one rpl-eval table with pebal, pebal+rpl and the tuned segmenter's mIoU (2 steps each, tiny world)."""
+    import json
+
+    from rpl.checkpoint import read_metadata
+    from rpl.cli.eval import main as eval_main
+    from rpl.cli.train import main as train_main
+    from test_cli_eval import write_anomaly_set
+    from train_world import make_world, overrides
+
+    world = make_world(tmp_path / "world", n_train=4, n_val=2, n_coco=4)
+    write_anomaly_set(world / "synthstreets-anomaly", 2, seed=1)
+    args = lambda work, *sets: ["--work-dir", str(work), "--quiet", *sum(
+        (["--set", s] for s in overrides(world, steps=2, **dict(x.split("=", 1) for x in sets))), [])]
+    pebal = tmp_path / "pebal"
+    assert train_main(["--method", "pebal", *args(pebal, "data.paste_prob=0.5")]) == 0
+    assert read_metadata(pebal / "best.safetensors")["method"] == "pebal"
+    on_pebal = tmp_path / "pebal_rpl"
+    assert train_main(args(on_pebal, f"segmenter.weights={pebal / 'best.safetensors'}")) == 0
+    assert read_metadata(on_pebal / "best.safetensors")["extra"]["base_method"] == "pebal"
+    out = tmp_path / "table.json"
+    code = eval_main(["--checkpoint", str(pebal / "best.safetensors"), "--checkpoint",
+                      str(on_pebal / "best.safetensors"), "--datasets", "synthstreets-anomaly,cityscapes-val",
+                      "--data-root", str(world), "--json", str(out), "--quiet", "--num-workers", "0"])
+    assert code == 0, capsys.readouterr().err
+    doc = json.loads(out.read_text())
+    rows = {(r["dataset"], r["method"]): r for r in doc["results"]}
+    for m in ("pebal", "pebal+rpl", "energy"):
+        assert rows[("synthstreets-anomaly", m)]["auroc"] is not None, m
+    miou = [r for r in doc["results"] if r["dataset"] == "cityscapes-val"]
+    assert len(miou) == 1 and "pebal + post-hoc, pebal+rpl" in miou[0]["method"] and miou[0]["miou"] is not None
+
+
 @pytest.mark.slow  # ~15 min on 2 shared cores: two training runs, a resume and a multi-checkpoint evaluation
 def test_pebal_and_pebal_rpl_train_resume_and_evaluate_in_one_table(tmp_path, capsys):
     import json
