@@ -450,3 +450,8 @@ def test_default_run_compares_every_rpl_checkpoint_shipped_beside_the_add_on(wor
     shipped = cli.shipped_checkpoints(cli.DEFAULT_CHECKPOINT)
     assert shipped[0] == cli.DEFAULT_CHECKPOINT
     assert all("segmenter" not in p.name for p in shipped) and len(shipped) >= 2
+    # RPL on a tuned segmenter (extra.base_method) after every method of its own
+    from rpl.checkpoint import read_metadata
+
+    on_tuned = [bool(read_metadata(p)["extra"].get("base_method")) for p in shipped]
+    assert on_tuned == sorted(on_tuned) and any(on_tuned)

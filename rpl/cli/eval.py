@@ -471,12 +471,13 @@ def checkpoint_paths(args: argparse.Namespace) -> list[Path]:
 
 
 def shipped_checkpoints(first: Path) -> list[Path]:
-    """``first`` and, after it in name order, every other rpl checkpoint in its folder (plain segmenter
-    weights, which carry no rpl checkpoint metadata, are not among them)."""
-    from rpl.checkpoint import is_checkpoint
+    """``first``, then every other rpl checkpoint in its folder in name order, those built on another
+    method's tuned segmenter (``extra.base_method``, e.g. pebal+rpl) last; plain segmenter weights, which
+    carry no rpl checkpoint metadata, are not among them."""
+    from rpl.checkpoint import is_checkpoint, read_metadata
 
-    others = sorted(p for p in first.parent.glob("*.safetensors") if p.name != first.name and is_checkpoint(p))
-    return [first, *others]
+    others = [p for p in first.parent.glob("*.safetensors") if p.name != first.name and is_checkpoint(p)]
+    return [first, *sorted(others, key=lambda p: (bool(read_metadata(p)["extra"].get("base_method")), p.name))]
 
 
 def _run(args: argparse.Namespace) -> int:
