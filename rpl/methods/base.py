@@ -158,3 +158,45 @@ def recorded_segmenter(path: str | Path, meta: dict[str, Any]) -> nn.Module:
                             "the segmenter it was trained on (rpl-eval --model package.module:factory --weights FILE).")
     spec = SegmenterSpec.from_dict(recorded, where="extra.segmenter", source=path)
     return build_segmenter(spec, recorded_in=path)
+
+
+def save_tuned(path: str | Path, method: str, segmenter: nn.Module, tensors: dict[str, torch.Tensor],
+               fields: dict[str, Any], extra: dict[str, Any] | None, base_fingerprint: str | None) -> Path:
+    """A fine-tuned method's checkpoint: the whole tuned ``segmenter`` under ``segmenter.*``, the method's
+    own ``tensors`` beside it, its metadata ``fields`` and the fingerprint of the base it started from."""
+    from rpl.checkpoint import SEGMENTER_PREFIX, write_checkpoint
+
+    everything = {f"{SEGMENTER_PREFIX}{k}": v for k, v in segmenter.state_dict().items()} | tensors
+    return write_checkpoint(path, everything, method, base_fingerprint or "", type(segmenter).__name__, fields, extra)
+
+
+def load_tuned(path: str | Path, method: str, segmenter: nn.Module | None, check_base: bool,
+               kwargs: dict[str, Any]) -> tuple[dict[str, Any], dict[str, torch.Tensor], nn.Module]:
+    """Read a fine-tuned method's checkpoint: its metadata, its tensors (``segmenter.*`` among them) and
+    ``segmenter`` (default: the base its metadata records) holding the tuned weights.
+
+    Refused, each with a one-paragraph error: another method's file, options that place an RPL add-on
+    (``kwargs``), a ``segmenter`` other than the recorded base (``check_base``), tensors that do not fit it.
+    """
+    from safetensors.torch import load_file
+
+    from rpl.checkpoint import SEGMENTER_PREFIX, fingerprint, read_metadata, strip_prefix
+
+    if kwargs:
+        raise RPLInputError(f"checkpoint {path} holds method {method!r}, which takes no {sorted(kwargs)} (those "
+                            "place an RPL add-on).")
+    meta = read_metadata(path, method=method)
+    if segmenter is None:
+        segmenter = recorded_segmenter(path, meta)
+    if check_base and meta.get("base_fingerprint") and fingerprint(segmenter) != meta["base_fingerprint"]:
+        raise RPLInputError(f"checkpoint {path} was fine-tuned from a different base model than the one given "
+                            f"({type(segmenter).__name__}); load the segmenter it started from (its metadata "
+                            "records it in extra.segmenter).")
+    state = strip_prefix(load_file(str(path)))
+    try:
+        segmenter.load_state_dict({k[len(SEGMENTER_PREFIX):]: v for k, v in state.items()
+                                   if k.startswith(SEGMENTER_PREFIX)})
+    except RuntimeError as err:
+        raise RPLInputError(f"checkpoint {path} does not fit the segmenter {type(segmenter).__name__}: "
+                            f"{str(err)[:400]}") from None
+    return meta, state, segmenter

@@ -52,7 +52,7 @@ from torch.utils.data import Dataset
 from rpl.conventions import OUTLIER, VOID
 from rpl.errors import RPLInputError
 from rpl.methods import register
-from rpl.methods.base import Method, Scorer, TrainContext, recorded_segmenter
+from rpl.methods.base import Method, Scorer, TrainContext, load_tuned, save_tuned
 
 NAME = "meta-ood"
 META_ROW = NAME + "+meta"
@@ -608,43 +608,22 @@ class MetaOoD(Method):
 
     def save(self, path: str | Path, model: nn.Module, extra: dict[str, Any] | None = None,
              base_fingerprint: str | None = None) -> Path:
-        from rpl.checkpoint import SEGMENTER_PREFIX, fingerprint, write_checkpoint
+        from rpl.checkpoint import fingerprint
 
-        tensors = {f"{SEGMENTER_PREFIX}{k}": v for k, v in model.segmenter.state_dict().items()}
         info = {"num_classes": model.num_classes, "threshold": model.threshold,
                 "classifier": model.classifier is not None, "removed_score": REMOVED_SCORE,
                 "tuned_fingerprint": fingerprint(model.segmenter)}
+        tensors = {}
         if model.classifier is not None:
-            tensors |= {f"meta.{k}": v for k, v in model.classifier.state_dict().items()}
+            tensors = {f"meta.{k}": v for k, v in model.classifier.state_dict().items()}
             info["num_features"] = int(model.classifier.coef.numel())
-        return write_checkpoint(path, tensors, self.name, base_fingerprint or "", type(model.segmenter).__name__,
-                                {NAME: info}, extra)
+        return save_tuned(path, self.name, model.segmenter, tensors, {NAME: info}, extra, base_fingerprint)
 
     def load(self, path: str | Path, segmenter: nn.Module | None = None, check_base: bool = True,
              **kwargs: Any) -> nn.Module:
         """The Meta-OoD model of ``path``: ``segmenter`` (default: the recorded base) gets the tuned weights."""
-        from safetensors.torch import load_file
-
-        from rpl.checkpoint import SEGMENTER_PREFIX, fingerprint, read_metadata, strip_prefix
-
-        if kwargs:
-            raise RPLInputError(f"checkpoint {path} holds method 'meta-ood', which takes no {sorted(kwargs)} (those "
-                                "place an RPL add-on).")
-        meta = read_metadata(path, method=self.name)
-        if segmenter is None:
-            segmenter = recorded_segmenter(path, meta)
-        if check_base and meta.get("base_fingerprint") and fingerprint(segmenter) != meta["base_fingerprint"]:
-            raise RPLInputError(f"checkpoint {path} was fine-tuned from a different base model than the one given "
-                                f"({type(segmenter).__name__}); load the segmenter it started from (its metadata "
-                                "records it in extra.segmenter).")
+        meta, state, segmenter = load_tuned(path, self.name, segmenter, check_base, kwargs)
         info = meta[NAME]
-        state = strip_prefix(load_file(str(path)))
-        seg_state = {k[len(SEGMENTER_PREFIX):]: v for k, v in state.items() if k.startswith(SEGMENTER_PREFIX)}
-        try:
-            segmenter.load_state_dict(seg_state)
-        except RuntimeError as err:
-            raise RPLInputError(f"checkpoint {path} does not fit the segmenter {type(segmenter).__name__}: "
-                                f"{str(err)[:400]}") from None
         classifier = None
         if info["classifier"]:
             classifier = MetaClassifier(info["num_features"])

@@ -39,7 +39,7 @@ from torch import nn
 from rpl.conventions import OUTLIER, VOID
 from rpl.errors import RPLInputError
 from rpl.methods import register
-from rpl.methods.base import Method, Scorer, TrainContext, recorded_segmenter
+from rpl.methods.base import Method, Scorer, TrainContext, load_tuned, save_tuned
 from rpl.scores import energy, smooth
 
 TUNE_CHOICES = ("all", "last_block")
@@ -313,41 +313,19 @@ class PEBAL(Method):
 
     def save(self, path: str | Path, model: nn.Module, extra: dict[str, Any] | None = None,
              base_fingerprint: str | None = None) -> Path:
-        from rpl.checkpoint import SEGMENTER_PREFIX, fingerprint, write_checkpoint
+        from rpl.checkpoint import fingerprint
 
-        tensors = {f"{SEGMENTER_PREFIX}{k}": v for k, v in model.segmenter.state_dict().items()}
-        tensors |= {f"abstention.{k}": v for k, v in model.abstention.state_dict().items()}
         fields = {"pebal": {"layer": model.layer, "num_classes": model.num_classes,
                             "smoothing": list(model.smoothing) if model.smoothing else None,
                             "tuned_fingerprint": fingerprint(model.segmenter)}}
-        return write_checkpoint(path, tensors, self.name, base_fingerprint or "", type(model.segmenter).__name__,
-                                fields, extra)
+        tensors = {f"abstention.{k}": v for k, v in model.abstention.state_dict().items()}
+        return save_tuned(path, self.name, model.segmenter, tensors, fields, extra, base_fingerprint)
 
     def load(self, path: str | Path, segmenter: nn.Module | None = None, check_base: bool = True,
              **kwargs: Any) -> nn.Module:
         """The PEBAL model of ``path``: ``segmenter`` (default: the recorded base) gets the tuned weights."""
-        from safetensors.torch import load_file
-
-        from rpl.checkpoint import SEGMENTER_PREFIX, fingerprint, read_metadata, strip_prefix
-
-        if kwargs:
-            raise RPLInputError(f"checkpoint {path} holds method 'pebal', which takes no {sorted(kwargs)} (those "
-                                "place an RPL add-on).")
-        meta = read_metadata(path, method=self.name)
-        if segmenter is None:
-            segmenter = recorded_segmenter(path, meta)
-        if check_base and meta.get("base_fingerprint") and fingerprint(segmenter) != meta["base_fingerprint"]:
-            raise RPLInputError(f"checkpoint {path} was fine-tuned from a different base model than the one given "
-                                f"({type(segmenter).__name__}); load the segmenter it started from (its metadata "
-                                "records it in extra.segmenter).")
+        meta, state, segmenter = load_tuned(path, self.name, segmenter, check_base, kwargs)
         info = meta["pebal"]
-        state = strip_prefix(load_file(str(path)))
-        seg_state = {k[len(SEGMENTER_PREFIX):]: v for k, v in state.items() if k.startswith(SEGMENTER_PREFIX)}
-        try:
-            segmenter.load_state_dict(seg_state)
-        except RuntimeError as err:
-            raise RPLInputError(f"checkpoint {path} does not fit the segmenter {type(segmenter).__name__}: "
-                                f"{str(err)[:400]}") from None
         model = PEBALSegmenter(segmenter, info["layer"], tuple(info["smoothing"]) if info.get("smoothing") else None)
         model.abstention.load_state_dict({k.split(".", 1)[1]: v for k, v in state.items() if k.startswith("abstention.")})
         return model.eval()
