@@ -142,6 +142,65 @@ class Method:
         raise NotImplementedError
 
 
+class AddOnMethod(Method):
+    """A trainable add-on on a frozen segmenter (RPL, REAL): the model is a ``rpl.wrapping.HookedSegmenter``
+    whose ``addon`` alone trains, is synchronised by DDP and is kept to resume."""
+
+    kind = "add-on"
+    trainable = True
+
+    def find_unused_parameters(self, model: nn.Module) -> bool:
+        """Whether some add-on parameters may get no gradient in a step (DDP must then be told)."""
+        return False
+
+    def distribute(self, model: nn.Module, device: torch.device) -> nn.Module:
+        """Only the add-on is inside DDP (the frozen segmenter has nothing to synchronise)."""
+        addon = model.addon
+        if device.type == "cuda":
+            addon = nn.SyncBatchNorm.convert_sync_batchnorm(addon)
+        model.addon = nn.parallel.DistributedDataParallel(
+            addon, device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=self.find_unused_parameters(model))
+        return model
+
+    @contextlib.contextmanager
+    def validating(self, model: nn.Module):
+        addon = model.addon
+        model.addon = model.bare_addon  # no DDP collectives from rank 0 alone
+        try:
+            yield model
+        finally:
+            model.addon = addon
+
+    def training_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        return model.bare_addon.state_dict()
+
+    def load_training_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        model.bare_addon.load_state_dict(state)
+
+
+class FineTuneMethod(Method):
+    """A method that trains a copy of the segmenter (PEBAL, Meta-OoD): the whole model is inside DDP
+    (SyncBatchNorm on CUDA), kept whole to resume, and saved with :func:`save_tuned`."""
+
+    kind = "fine-tune"
+    trainable = True
+
+    def distribute(self, model: nn.Module, device: torch.device) -> nn.Module:
+        if device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+    def training_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        return model.state_dict()
+
+    def load_training_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        model.load_state_dict(state)
+
+
 def _trainable_names() -> list[str]:
     from rpl.methods import trainable
 

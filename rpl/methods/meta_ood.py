@@ -52,7 +52,7 @@ from torch.utils.data import Dataset
 from rpl.conventions import OUTLIER, VOID
 from rpl.errors import RPLInputError
 from rpl.methods import register
-from rpl.methods.base import Method, Scorer, TrainContext, load_tuned, save_tuned
+from rpl.methods.base import FineTuneMethod, Scorer, TrainContext, load_tuned, save_tuned
 
 NAME = "meta-ood"
 META_ROW = NAME + "+meta"
@@ -485,10 +485,8 @@ def fit_meta_classifier(model: MetaOoDSegmenter, loader: Any, device: torch.devi
 
 
 @register
-class MetaOoD(Method):
+class MetaOoD(FineTuneMethod):
     name = NAME
-    kind = "fine-tune"
-    trainable = True
     summary = "entropy maximisation on outliers (fine-tuned segmenter) + a meta classifier removing false positives"
     Options = MetaOoDOptions
 
@@ -569,20 +567,6 @@ class MetaOoD(Method):
                   f"({summary['false_positives']} false positives; it removes {summary['removed']}); "
                   f"written into {best}")
         return {"meta_classifier": summary}
-
-    def distribute(self, model: nn.Module, device: torch.device) -> nn.Module:
-        if device.type == "cuda":
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    def unwrap(self, model: nn.Module) -> nn.Module:
-        return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-    def training_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        return model.segmenter.state_dict()
-
-    def load_training_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-        model.segmenter.load_state_dict(state)
 
     # -- checkpoints -----------------------------------------------------------------------------
     def metadata_fields(self, path: str | Path) -> tuple:

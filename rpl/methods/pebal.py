@@ -39,7 +39,7 @@ from torch import nn
 from rpl.conventions import OUTLIER, VOID
 from rpl.errors import RPLInputError
 from rpl.methods import register
-from rpl.methods.base import Method, Scorer, TrainContext, load_tuned, save_tuned
+from rpl.methods.base import FineTuneMethod, Scorer, TrainContext, load_tuned, save_tuned
 from rpl.scores import energy, smooth
 
 TUNE_CHOICES = ("all", "last_block")
@@ -225,10 +225,8 @@ def tuned_parameters(model: PEBALSegmenter, tune: str) -> list[nn.Parameter]:
 
 
 @register
-class PEBAL(Method):
+class PEBAL(FineTuneMethod):
     name = "pebal"
-    kind = "fine-tune"
-    trainable = True
     summary = "pixel-wise energy-biased abstention learning: fine-tuned segmenter + abstention channel"
     Options = PEBALOptions
 
@@ -274,21 +272,6 @@ class PEBAL(Method):
         loss, parts = pebal_loss(out.all_logits, target, ctx.config.method_options(self.name))
         parts["outlier_pixels"] = (target == OUTLIER).sum().float()
         return loss, parts
-
-    def distribute(self, model: nn.Module, device: torch.device) -> nn.Module:
-        """The whole model inside DDP (every tuned parameter synchronises); SyncBatchNorm on CUDA."""
-        if device.type == "cuda":
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        return nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    def unwrap(self, model: nn.Module) -> nn.Module:
-        return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-
-    def training_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        return model.state_dict()
-
-    def load_training_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-        model.load_state_dict(state)
 
     # -- checkpoints -----------------------------------------------------------------------------
     def metadata_fields(self, path: str | Path) -> tuple:

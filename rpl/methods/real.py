@@ -44,7 +44,7 @@ from torch import nn
 from rpl.conventions import OUTLIER, VOID
 from rpl.errors import RPLInputError
 from rpl.methods import register
-from rpl.methods.base import Method, Scorer, TrainContext, recorded_segmenter
+from rpl.methods.base import AddOnMethod, Scorer, TrainContext, recorded_segmenter
 from rpl.scores import smooth
 from rpl.wrapping import Attachment, HookedSegmenter
 
@@ -270,10 +270,8 @@ def check_real_field(value: Any) -> None:
 
 
 @register
-class REAL(Method):
+class REAL(AddOnMethod):
     name = "real"
-    kind = "add-on"
-    trainable = True
     summary = "redundancy classifiers (REAL, image adaptation): softmax probability of an unknown class K"
     Options = REALOptions
 
@@ -322,35 +320,6 @@ class REAL(Method):
         loss, parts = real_loss(out.logits, out.unknown, target, ctx.config.method_options(self.name))
         parts["outlier_pixels"] = (target == OUTLIER).sum().float()
         return loss, parts
-
-    def distribute(self, model: nn.Module, device: torch.device) -> nn.Module:
-        """Only the redundancy head is inside DDP (the frozen segmenter has nothing to synchronise)."""
-        addon = model.addon
-        if device.type == "cuda":
-            addon = nn.SyncBatchNorm.convert_sync_batchnorm(addon)
-        model.addon = nn.parallel.DistributedDataParallel(
-            addon, device_ids=[device.index] if device.type == "cuda" else None)
-        return model
-
-    def validating(self, model: nn.Module):
-        import contextlib
-
-        @contextlib.contextmanager
-        def bare():
-            addon = model.addon
-            model.addon = model.bare_addon  # no DDP collectives from rank 0 alone
-            try:
-                yield model
-            finally:
-                model.addon = addon
-
-        return bare()
-
-    def training_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        return model.bare_addon.state_dict()
-
-    def load_training_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-        model.bare_addon.load_state_dict(state)
 
     # -- checkpoints -----------------------------------------------------------------------------
     def metadata_fields(self, path: str | Path) -> tuple:

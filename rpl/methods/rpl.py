@@ -15,14 +15,12 @@ from torch import nn
 
 from rpl.errors import RPLInputError
 from rpl.methods import register
-from rpl.methods.base import Method, Scorer, TrainContext, recorded_segmenter
+from rpl.methods.base import AddOnMethod, Scorer, TrainContext, recorded_segmenter
 
 
 @register
-class RPL(Method):
+class RPL(AddOnMethod):
     name = "rpl"
-    kind = "add-on"
-    trainable = True
     summary = "residual pattern learning (+ CoroCL): blurred energy of the perturbed logits"
 
     def check_model(self, model: nn.Module) -> None:
@@ -68,6 +66,9 @@ class RPL(Method):
     def trainable_parameters(self, model: nn.Module) -> list[nn.Parameter]:
         return list(model.trainable_parameters())
 
+    def find_unused_parameters(self, model: nn.Module) -> bool:
+        return model.return_embedding is False  # the CoroCL projection then gets no gradient
+
     def images_per_step(self, config: Any) -> int:
         return 2 if config.loss.contrastive > 0 else 1
 
@@ -90,36 +91,6 @@ class RPL(Method):
                                ctx_target, weights, ctx.generator)
         parts["outlier_pixels"] = (target == OUTLIER).sum().float()
         return loss, parts
-
-    def distribute(self, model: nn.Module, device: torch.device) -> nn.Module:
-        """Only the add-on is inside DDP (the frozen segmenter has nothing to synchronise)."""
-        addon = model.addon
-        if device.type == "cuda":
-            addon = nn.SyncBatchNorm.convert_sync_batchnorm(addon)
-        model.addon = nn.parallel.DistributedDataParallel(
-            addon, device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=model.return_embedding is False)
-        return model
-
-    def validating(self, model: nn.Module):
-        import contextlib
-
-        @contextlib.contextmanager
-        def bare():
-            addon = model.addon
-            model.addon = model.bare_addon  # no DDP collectives from rank 0 alone
-            try:
-                yield model
-            finally:
-                model.addon = addon
-
-        return bare()
-
-    def training_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        return model.bare_addon.state_dict()
-
-    def load_training_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-        model.bare_addon.load_state_dict(state)
 
     # -- checkpoints -----------------------------------------------------------------------------
     def metadata_fields(self, path: str | Path) -> tuple:
