@@ -92,3 +92,40 @@ def test_export_scorers_give_the_evaluators_maps():
             expected = method.scorer(model, options)(x, logits, out)
             torch.testing.assert_close(method.export_scorer(model, options)(x, logits, out), expected,
                                        rtol=0, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("name", ["pebal", "real", "meta-ood"])
+def test_every_trainable_method_resumes_to_the_same_weights(tmp_path, name):
+    """Interrupted after 2 of 4 steps and resumed, a run ends with the tensors of the run straight through
+    (rpl's own resume tests: tests/test_training.py)."""
+    from safetensors.torch import load_file
+
+    from rpl.cli.train import main as train_main
+    from rpl.training import Trainer
+    from train_world import make_world, overrides
+
+    world = make_world(tmp_path / "world", n_train=4, n_val=2, n_coco=4)
+    sets = overrides(world, steps=4, **{"data.paste_prob": 0.5, "train.checkpoint_every": 1, "train.val_every": 2,
+                                        "meta-ood.classifier": False} if name == "meta-ood" else
+                     {"data.paste_prob": 0.5, "train.checkpoint_every": 1, "train.val_every": 2})
+    args = lambda work, *extra: ["--method", name, *extra, "--work-dir", str(work), "--quiet",
+                                 *sum((["--set", s] for s in sets), [])]
+    assert train_main(args(tmp_path / "straight")) == 0
+    real_step = Trainer.step
+
+    def interrupting(self, batch):
+        if self.progress.step == 2:
+            raise KeyboardInterrupt
+        return real_step(self, batch)
+
+    Trainer.step = interrupting
+    try:
+        assert train_main(args(tmp_path / "resumed")) == 130
+    finally:
+        Trainer.step = real_step
+    assert train_main(args(tmp_path / "resumed", "--resume")) == 0
+    straight = load_file(str(tmp_path / "straight" / "last.safetensors"))
+    again = load_file(str(tmp_path / "resumed" / "last.safetensors"))
+    assert straight.keys() == again.keys() and straight
+    for key in straight:
+        assert torch.equal(straight[key], again[key]), key
