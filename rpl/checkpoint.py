@@ -233,6 +233,16 @@ def check_fingerprint(value: str) -> None:
         raise FieldError(f"is {value[:80]!r}; expected the 64 hex digits of a SHA-256")
 
 
+def check_smoothing(smoothing: Any) -> None:
+    """A recorded score blur: null, or ``[kernel size 1..1001, finite sigma > 0]``."""
+    if smoothing is not None and not (
+            isinstance(smoothing, list) and len(smoothing) == 2
+            and isinstance(smoothing[0], int) and not isinstance(smoothing[0], bool) and 0 < smoothing[0] <= 1001
+            and isinstance(smoothing[1], (int, float)) and not isinstance(smoothing[1], bool)
+            and math.isfinite(smoothing[1]) and smoothing[1] > 0):
+        raise FieldError(f"is {str(smoothing)[:60]}; expected null or [kernel size, sigma > 0]", "smoothing")
+
+
 def check_wrap(value: Any) -> None:
     """``wrap``: what :func:`rpl.wrap` needs to rebuild the add-on (see ``RPLSegmenter.wrap_arguments``)."""
     w = _object(value)
@@ -241,13 +251,7 @@ def check_wrap(value: Any) -> None:
     for key in ("feature_channels", "head_channels"):
         _count(w.get(key), key)
     _count(w.get("stride"), "stride", optional=True)
-    smoothing = w.get("smoothing")
-    if smoothing is not None and not (
-            isinstance(smoothing, list) and len(smoothing) == 2
-            and isinstance(smoothing[0], int) and not isinstance(smoothing[0], bool) and 0 < smoothing[0] <= 1001
-            and isinstance(smoothing[1], (int, float)) and not isinstance(smoothing[1], bool)
-            and math.isfinite(smoothing[1]) and smoothing[1] > 0):
-        raise FieldError(f"is {str(smoothing)[:60]}; expected null or [kernel size, sigma > 0]", "smoothing")
+    check_smoothing(w.get("smoothing"))
     block = _object(w.get("block", {}), "block")
     from rpl.models.factories import FactoryArgumentError, check_signature
 

@@ -32,7 +32,6 @@ frozen base's fingerprint and the segmenter's spec; the metadata field ``real`` 
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -244,7 +243,7 @@ def real_wrap(segmenter: nn.Module, source: str = "deep", classifiers: int = 3, 
 # -- metadata ------------------------------------------------------------------------------------------
 def check_real_field(value: Any) -> None:
     """``real``: what :func:`real_wrap` needs to rebuild the redundancy head (``REALSegmenter.real_arguments``)."""
-    from rpl.checkpoint import FieldError
+    from rpl.checkpoint import FieldError, check_smoothing
 
     if not isinstance(value, dict):
         raise FieldError(f"is a JSON {type(value).__name__}; expected an object")
@@ -258,13 +257,7 @@ def check_real_field(value: Any) -> None:
         v = value.get(key)
         if not isinstance(v, int) or isinstance(v, bool) or not 0 < v <= 1_000_000:
             raise FieldError(f"is {str(v)[:60]!r}; expected a positive integer", key)
-    smoothing = value.get("smoothing")
-    if smoothing is not None and not (
-            isinstance(smoothing, list) and len(smoothing) == 2
-            and isinstance(smoothing[0], int) and not isinstance(smoothing[0], bool) and 0 < smoothing[0] <= 1001
-            and isinstance(smoothing[1], (int, float)) and not isinstance(smoothing[1], bool)
-            and math.isfinite(smoothing[1]) and smoothing[1] > 0):
-        raise FieldError(f"is {str(smoothing)[:60]}; expected null or [kernel size, sigma > 0]", "smoothing")
+    check_smoothing(value.get("smoothing"))
     if value.get("logits") is not None and not isinstance(value["logits"], str):
         raise FieldError(f"is {str(value['logits'])[:60]!r}; expected a key name or null", "logits")
 
