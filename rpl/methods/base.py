@@ -62,7 +62,10 @@ class Method:
         """Refuse a model this method cannot score (an input error naming what is needed)."""
 
     def scorer(self, model: nn.Module, options: Any) -> Scorer:
-        raise NotImplementedError
+        """Default, for the models trainable methods build: their own ``out.anomaly`` map, once
+        :meth:`check_model` has accepted the model; post-hoc methods override it."""
+        self.check_model(model)
+        return lambda x, logits, out: out.anomaly
 
     def export_scorer(self, model: nn.Module, options: Any) -> Scorer:
         """The scorer ``rpl-export`` traces into its ONNX graph: :meth:`scorer` unless that does

@@ -495,10 +495,6 @@ class MetaOoD(FineTuneMethod):
             raise RPLInputError("--methods meta-ood needs a Meta-OoD checkpoint (rpl-train --method meta-ood writes "
                                 "one): pass --checkpoint FILE, or leave meta-ood out of --methods.")
 
-    def scorer(self, model: nn.Module, options: Any) -> Scorer:
-        self.check_model(model)
-        return lambda x, logits, out: out.anomaly
-
     def row_scorers(self, model: nn.Module, options: Any) -> dict[str, Scorer]:
         """``meta-ood`` (entropy) and, with a fitted classifier, ``meta-ood+meta`` (after removal)."""
         rows = {self.name: self.scorer(model, options)}

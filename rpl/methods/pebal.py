@@ -235,10 +235,6 @@ class PEBAL(FineTuneMethod):
             raise RPLInputError("--methods pebal needs a PEBAL checkpoint (rpl-train --method pebal writes one): pass "
                                 "--checkpoint FILE, or leave pebal out of --methods.")
 
-    def scorer(self, model: nn.Module, options: Any) -> Scorer:
-        self.check_model(model)
-        return lambda x, logits, out: out.anomaly
-
     def export_scorer(self, model: nn.Module, options: Any) -> Scorer:
         """``out.anomaly`` (energy of the K class logits, blurred) with a blur the ONNX tracer exports."""
         from rpl.scores import exportable_smooth

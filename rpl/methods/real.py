@@ -273,10 +273,6 @@ class REAL(AddOnMethod):
             raise RPLInputError("--methods real needs a REAL checkpoint (rpl-train --method real writes one): pass "
                                 "--checkpoint FILE, or leave real out of --methods.")
 
-    def scorer(self, model: nn.Module, options: Any) -> Scorer:
-        self.check_model(model)
-        return lambda x, logits, out: out.anomaly
-
     def export_scorer(self, model: nn.Module, options: Any) -> Scorer:
         """``out.anomaly`` with a blur the ONNX tracer exports at dynamic sizes (``real.blur``)."""
         from rpl.scores import exportable_smooth

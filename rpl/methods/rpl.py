@@ -31,10 +31,6 @@ class RPL(AddOnMethod):
                                 "rpl-train), or leave rpl out to evaluate the post-hoc baselines of the bare "
                                 "segmenter.")
 
-    def scorer(self, model: nn.Module, options: Any) -> Scorer:
-        self.check_model(model)
-        return lambda x, logits, out: out.anomaly
-
     def export_scorer(self, model: nn.Module, options: Any) -> Scorer:
         """``out.anomaly`` (energy of the perturbed logits, blurred) with a blur the ONNX tracer exports."""
         from rpl.scores import energy, exportable_smooth
